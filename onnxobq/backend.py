@@ -5,8 +5,6 @@ I/O edges (capture, export, report) always hand over and receive NumPy arrays.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .errors import UserError
@@ -51,17 +49,6 @@ def array_module(device: str):
 def is_cupy(xp) -> bool:
     """True when ``xp`` is the CuPy module."""
     return getattr(xp, "__name__", "") == "cupy"
-
-
-def raising_linalg(xp):
-    """A context in which failed factorisations raise numpy.linalg.LinAlgError on both backends.
-
-    NumPy always raises; CuPy only checks cuSOLVER's info when asked to.
-    """
-    if is_cupy(xp):
-        import cupyx
-        return cupyx.errstate(linalg="raise")
-    return contextlib.nullcontext()
 
 
 def to_numpy(a) -> np.ndarray:

@@ -85,3 +85,41 @@ def test_cli_cuda_matches_cpu(cp, tmp_path, capsys):
     a = builders.run(onnx.load(tmp_path / "cpu.onnx"), {"x": x})[0]
     b = builders.run(onnx.load(tmp_path / "cuda.onnx"), {"x": x})[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("G,R,C,block", [(1, 37, 300, 128), (3, 5, 70, 50), (7, 1, 9, 128), (2, 64, 130, 32)])
+def test_block_kernel_matches_plain_sweep(cp, dtype, G, R, C, block):
+    """The one-launch-per-block kernel gives the plain CuPy sweep's codes (and NumPy's in float64)."""
+    from onnxobq.solvers import cuda_sweep
+    from onnxobq.solvers.common import cholesky, inverse_hessian
+    from onnxobq.solvers.sweep import blocked_sweep
+
+    W, H = problem(5, G=G, R=R, C=C)
+    Hinv, _, _ = inverse_hessian(H, Damping(), np)
+    U = np.swapaxes(cholesky(Hinv, np)[0], -1, -2)
+    grid = fit_grid(W, GridSpec(bits=3))
+    args = (grid.scale, grid.zero, grid.qmin, grid.qmax, block)
+    ref = blocked_sweep(W, U, *args, np)
+    g = [cp.asarray(a, dtype=dtype) for a in (W, U, grid.scale, grid.zero)]
+    plain = to_numpy(blocked_sweep(g[0], g[1], g[2], g[3], *args[2:], cp))
+    fused = to_numpy(cuda_sweep.blocked_sweep_cuda(g[0], g[1], g[2], g[3], *args[2:], cp))
+    assert np.mean(fused != plain) <= (0 if dtype == "float64" else 0.002)
+    if dtype == "float64":
+        np.testing.assert_array_equal(fused, ref)
+
+
+@pytest.mark.parametrize("C", [16, 100])
+def test_cholesky_reports_failure_on_gpu(cp, C):
+    """A stack with one indefinite matrix: both backends flag exactly that one (batched and per-matrix paths)."""
+    from onnxobq.solvers.common import cholesky
+
+    r = np.random.default_rng(6)
+    Q, _ = np.linalg.qr(r.standard_normal((C, C)))
+    good = Q @ np.diag(np.linspace(1, 2, C)) @ Q.T
+    bad = Q @ np.diag(np.r_[np.linspace(1, 2, C - 1), -1e-3]) @ Q.T   # fails late, not at the first pivot
+    A = np.stack([good, bad, good])
+    for xp in (np, cp):
+        L, ok = cholesky(xp.asarray(A), xp)
+        assert to_numpy(ok).tolist() == [True, False, True]
+        np.testing.assert_allclose(to_numpy(L)[0] @ to_numpy(L)[0].T, good, atol=1e-10)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import raising_linalg
 
 
 @dataclass(frozen=True)
@@ -57,28 +56,52 @@ def eye_like(H, xp):
     return xp.broadcast_to(xp.eye(H.shape[-1], dtype=H.dtype), H.shape).copy()
 
 
+# CuPy's stacked factorisations (cuSOLVER potrfBatched, cuBLAS getrfBatched) are made
+# for many small matrices; above this size each matrix goes through the 2-D routine.
+BATCHED_MAX_DIM = 64
+
+
+def _each_matrix(fn, A, xp):
+    """Apply a factorisation to a stack (G, C, C): stacked on NumPy and for small
+    matrices, one matrix at a time on CuPy for large ones."""
+    if xp is np or A.shape[-1] <= BATCHED_MAX_DIM:
+        return fn(A)
+    return xp.stack([fn(a) for a in A])
+
+
 def cholesky(A, xp):
     """Batched lower Cholesky factor that reports failure per matrix instead of raising.
 
     Returns:
         (L, ok): L (G, C, C) with identity where the factorisation failed, ok (G,) bool.
     """
-    try:
-        with raising_linalg(xp):
-            L = xp.linalg.cholesky(A)
-    except np.linalg.LinAlgError:
-        # One bad matrix fails the whole stack: redo them one by one.
-        L = xp.full_like(A, xp.nan)
-        for g in range(A.shape[0]):
-            try:
-                with raising_linalg(xp):
-                    L[g] = xp.linalg.cholesky(A[g])
-            except np.linalg.LinAlgError:
-                pass
+    if xp is np:
+        L = _numpy_cholesky(A)
+    else:
+        L = _each_matrix(xp.linalg.cholesky, A, xp)
     diag = xp.diagonal(L, axis1=-2, axis2=-1)
     ok = xp.isfinite(L).all(axis=(-2, -1)) & (diag > 0).all(axis=-1)
+    if xp is not np:
+        # CuPy does not raise by default: a failed factor is partial, so also check L L^T = A.
+        tol = (1e-2 if A.dtype == xp.float32 else 1e-6) * xp.abs(A).max(axis=(-2, -1))
+        resid = xp.abs(L @ xp.swapaxes(L, -1, -2) - A).max(axis=(-2, -1))
+        ok &= xp.nan_to_num(resid, nan=xp.inf) <= tol
     L = xp.where(ok[:, None, None], L, eye_like(A, xp))
     return L, ok
+
+
+def _numpy_cholesky(A):
+    try:
+        return np.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        # One bad matrix fails the whole stack: redo them one by one.
+        L = np.full_like(A, np.nan)
+        for g in range(A.shape[0]):
+            try:
+                L[g] = np.linalg.cholesky(A[g])
+            except np.linalg.LinAlgError:
+                pass
+        return L
 
 
 def inverse_hessian(H, damp: Damping, xp):
@@ -105,7 +128,7 @@ def inverse_hessian(H, damp: Damping, xp):
         Hd = H.copy()
         Hd[:, idx, idx] += step[:, None]
         L, good = cholesky(Hd, xp)
-        Linv = xp.linalg.inv(L)
+        Linv = _each_matrix(xp.linalg.inv, L, xp)
         inv = xp.swapaxes(Linv, -1, -2) @ Linv           # H^-1 = L^-T L^-1
         good &= xp.isfinite(inv).all(axis=(-2, -1))
         new = good & ~ok

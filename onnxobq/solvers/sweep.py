@@ -16,9 +16,12 @@ batch updates"). GPTQ is the same sweep in the natural order (or act-order).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import is_cupy, to_numpy
+from . import cuda_sweep
 from ..quant import quantize, dequantize
 from .common import (Damping, Result, cholesky, eye_like, fix_dead_columns,
                      inverse_hessian, permute_columns, permute_square)
@@ -59,6 +62,15 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
     return codes
 
 
+def use_kernel(W, block: int, xp) -> bool:
+    """Whether the sweep runs as one CUDA kernel per block (CuPy, block <= 128).
+
+    ``ONNXOBQ_SWEEP_KERNEL=0`` in the environment turns it off (for benchmarks and debugging).
+    """
+    return (is_cupy(xp) and cuda_sweep.supports(W, block)
+            and os.environ.get("ONNXOBQ_SWEEP_KERNEL", "1") != "0")
+
+
 def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Damping(), xp=np) -> Result:
     """Quantize W with one shared inverse Hessian per group, sweeping columns in ``order``.
 
@@ -86,8 +98,8 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     L, ok_u = cholesky(permute_square(Hinv, perm, xp), xp)
     ok &= ok_u
     U = xp.where(ok[:, None, None], xp.swapaxes(L, -1, -2), eye_like(H, xp))
-    codes = blocked_sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero,
-                          grid.qmin, grid.qmax, block, xp)
+    sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, block, xp) else blocked_sweep
+    codes = sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero, grid.qmin, grid.qmax, block, xp)
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation
     lam = to_numpy(xp.where(ok, lam, xp.nan)).astype(np.float64)
     return Result(dequantize(codes, s, z), codes, grid.scale, grid.zero, lam, ~to_numpy(ok))

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Speed benchmark: the time of each stage of ``onnxobq quantize`` per method and device.
+
+Models (``--models``):
+
+* ``resnet50``: the ResNet-50 graph that ships with the onnx package
+  (``onnx/backend/test/data/light/light_resnet50.onnx``, BENCHMARKS.md section 5)
+  with its ``ConstantOfShape`` weights replaced by seeded random initializers and a
+  dynamic batch; 53 Conv + 1 Gemm, 53 BatchNormalization;
+* any other ``NAME=PATH.onnx``, e.g. ``yolox=.../common_det.onnx``.
+
+Each run is one ``onnxobq quantize MODEL --calib random --samples N --report R.json``
+subprocess (random calibration tensors: the time depends only on the shapes). A
+warm-up run per device first compiles CuPy's kernels, which are cached on disk.
+The script prints, per model, the stages (load, capture, solve, bn, export), the
+peak host RSS and GPU memory from each report, and the ratios of the solve times
+measured in the same run: every method against FastOBQ on the same device, and
+CPU against GPU for the same method. It writes every report and the table to
+``--out``.
+
+Example::
+
+    python scripts/speed_bench.py --models resnet50 --methods rtn,gptq,fastobq \\
+        --devices cpu,cuda --samples 256 --bits 4 --out bench_out/speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+STAGES = ("load", "capture", "solve", "bn", "export")
+
+
+def resnet50(seed: int = 0) -> onnx.ModelProto:
+    """The onnx package's light_resnet50 with seeded random weights and a dynamic batch.
+
+    Conv weights are He-normal, BatchNorm scale ~1, shift and mean ~0, variance ~1;
+    the classifier is N(0, 0.01).
+    """
+    path = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
+    model = onnx.load(path)
+    g = model.graph
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    keep_nodes, inits = [], []
+    for node in g.node:
+        if node.op_type == "Reshape" and node.input[1] in shapes:   # (1, 2048) -> (batch, 2048)
+            shapes[node.input[1]] = np.array([-1, int(shapes[node.input[1]][-1])], np.int64)
+        if node.op_type != "ConstantOfShape" or node.input[0] not in shapes:
+            keep_nodes.append(node)
+            continue
+        name, shape = node.output[0], tuple(int(d) for d in shapes[node.input[0]])
+        inits.append(numpy_helper.from_array(_random_weight(name, shape, rng), name))
+    used = {i for n in keep_nodes for i in n.input}
+    inits += [numpy_helper.from_array(shapes[t.name], t.name) for t in g.initializer if t.name in used]
+    names = {t.name for t in inits}
+    inputs = [vi for vi in g.input if vi.name not in shapes and vi.name not in names]
+    new = helper.make_graph(keep_nodes, "resnet50_random", inputs, list(g.output), inits)
+    for vi in list(new.input) + list(new.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    out = helper.make_model(new, opset_imports=list(model.opset_import), producer_name="onnxobq-speed-bench")
+    out.ir_version = 7  # initializers need not be graph inputs (IR >= 4)
+    onnx.checker.check_model(out)
+    return out
+
+
+def _random_weight(name: str, shape: tuple, rng) -> np.ndarray:
+    if name.endswith("_riv_0"):                   # running variance
+        return (1.0 + 0.1 * rng.random(shape)).astype(np.float32)
+    if name.endswith("_bn_s_0"):                  # BN scale
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith(("_bn_b_0", "_rm_0", "_b_0")):
+        return (0.01 * rng.standard_normal(shape)).astype(np.float32)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    std = 0.01 if name.startswith("gpu_0/pred") else np.sqrt(2.0 / fan_in)
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+
+
+def cli() -> list[str]:
+    exe = Path(sys.executable).with_name("onnxobq")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("onnxobq")
+    return [found] if found else [sys.executable, "-m", "onnxobq"]
+
+
+def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, args) -> dict:
+    """One ``onnxobq quantize`` subprocess; the parsed report plus the wall time."""
+    report = out_dir / f"{tag}.json"
+    cmd = cli() + ["quantize", str(model), "-o", str(out_dir / "q.onnx"), "--calib", "random",
+                   "--samples", str(args.samples), "--batch-size", str(args.batch_size),
+                   "--bits", str(args.bits), "--method", method, "--device", device,
+                   "--report", str(report), "-q"]
+    if not args.bn:
+        cmd.append("--no-bn-reestimate")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"status": "failed", "wall": wall, "command": cmd,
+                "error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    rec = json.loads(report.read_text())
+    rec.update(status="ok", wall=wall, command=cmd)
+    return rec
+
+
+def fmt_table(model: str, runs: dict) -> str:
+    lines = [f"### {model}", "",
+             "| method | device | " + " | ".join(STAGES) + " | total s | peak RSS MB | peak GPU MB "
+             "| solve vs fastobq | solve cpu/gpu |",
+             "|---" * (len(STAGES) + 7) + "|"]
+    for (method, device), r in runs.items():
+        if r["status"] != "ok":
+            lines.append(f"| {method} | {device} | failed: {' '.join(r['error'])} |")
+            continue
+        st = r["stages_seconds"]
+        ref = runs.get(("fastobq", device))
+        vs = (st["solve"] / ref["stages_seconds"]["solve"]) if ref and ref["status"] == "ok" else None
+        cpu, gpu = runs.get((method, "cpu")), runs.get((method, "cuda"))
+        cg = (cpu["stages_seconds"]["solve"] / gpu["stages_seconds"]["solve"]
+              if cpu and gpu and cpu["status"] == gpu["status"] == "ok" else None)
+        gpu_mb = r.get("peak_gpu_mb")
+        lines.append(
+            f"| {method} | {device} | " + " | ".join(f"{st.get(s, 0.0):.2f}" for s in STAGES)
+            + f" | {r['total_seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
+            + ("-" if gpu_mb is None else f"{gpu_mb:.0f}") + " | "
+            + ("-" if vs is None else f"{vs:.2f}x") + " | " + ("-" if cg is None else f"{cg:.1f}x") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet50", help="comma list: resnet50 and/or NAME=PATH.onnx")
+    p.add_argument("--methods", default="rtn,gptq,fastobq")
+    p.add_argument("--devices", default="cpu,cuda")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bn", action="store_true", help="keep BN re-estimation on (default: off, to time the solver)")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench_out/speed"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                           "argv": sys.argv}, "models": {}}
+    tables = []
+    for spec in args.models.split(","):
+        name, _, path = spec.partition("=")
+        if name == "resnet50" and not path:
+            path = args.out / "resnet50_random.onnx"
+            onnx.save(resnet50(args.seed), path)
+        model = Path(path)
+        runs = {}
+        for device in args.devices.split(","):
+            quantize(model, args.out, f"{name}_warmup_{device}", "fastobq", device,
+                     argparse.Namespace(**{**vars(args), "samples": 2, "bn": False}))
+            for method in args.methods.split(","):
+                rec = quantize(model, args.out, f"{name}_{method}_{device}", method, device, args)
+                runs[(method, device)] = rec
+                print(f"{name} {method} {device}: {rec['status']} "
+                      + (f"total {rec['total_seconds']:.2f}s stages {rec['stages_seconds']}"
+                         if rec["status"] == "ok" else str(rec["error"])), flush=True)
+        tables.append(fmt_table(name, runs))
+        results["models"][name] = {f"{m}/{d}": r for (m, d), r in runs.items()}
+    text = "\n\n".join(tables)
+    print(text)
+    (args.out / "speed.md").write_text(text + "\n")
+    (args.out / "speed.json").write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
