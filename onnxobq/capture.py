@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -226,8 +228,55 @@ class Captured:
     samples: int
 
 
+def prefetch(items: Iterable, depth: int = 1) -> Iterator:
+    """Yield ``items`` while a background thread already produces the next ``depth`` of them.
+
+    onnxruntime releases the GIL while it runs, so the forward pass of batch i+1
+    overlaps the accumulation of batch i. At most ``depth`` items wait in the queue
+    (plus one being made and one being used), so memory stays bounded by a few
+    batches. An exception in the producer is raised here, in the consumer. With
+    ``depth`` 0 the items are produced inline.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="onnxobq-capture", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
-                     device: str = "cpu", on_batch: Callable[[int], None] | None = None) -> Captured:
+                     device: str = "cpu", on_batch: Callable[[int], None] | None = None,
+                     pipeline_depth: int = 1) -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
     Args:
@@ -237,6 +286,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         xp: numpy or cupy, where the Hessians accumulate.
         device: onnxruntime device choice.
         on_batch: called with the number of samples after each batch (progress bars).
+        pipeline_depth: batches run ahead by onnxruntime in a background thread while
+            the Hessians of earlier ones accumulate (0: no overlap).
 
     Returns:
         Captured: the Hessians (float64 on ``xp``) and their row counts by hessian_key.
@@ -252,9 +303,13 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     names = list(dtypes)
     sums = {key: HessianSum() for key in first}
     samples = 0
-    for feed in batches(calib, inputs):
-        acts = run(sess, names, feed) if names else {}
-        acts.update(feed)
+
+    def forward():
+        for feed in batches(calib, inputs):
+            acts = run(sess, names, feed) if names else {}
+            yield feed, {**acts, **feed}
+
+    for feed, acts in prefetch(forward(), pipeline_depth):
         for key, layer in first.items():
             accumulate(layer, acts[layer.input], sums[key], xp)
         n = next(iter(feed.values())).shape[0]

@@ -1,4 +1,5 @@
 import itertools
+import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -113,3 +114,40 @@ def test_capture_of_an_inner_layer_matches_its_activations(tmp_path):
     probe.graph.output.append(builders.fvi("f", None))
     f = builders.run(probe, {"x": x})[1].astype(np.float64)
     np.testing.assert_allclose(H[fc.hessian_key][0], 2 * f.T @ f / 5, rtol=1e-4, atol=1e-5)
+
+
+def test_pipelined_capture_gives_the_plain_hessians(tmp_path):
+    """The forward passes running ahead in a thread change nothing: same sums, same order."""
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    x = np.random.default_rng(5).standard_normal((9, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
+    plain = capture_hessians(model, layers, calib, np, pipeline_depth=0)
+    piped = capture_hessians(model, layers, calib, np, pipeline_depth=2)
+    assert plain.rows == piped.rows and plain.samples == piped.samples == 9
+    for key, H in plain.hessians.items():
+        np.testing.assert_array_equal(piped.hessians[key], H)
+
+
+def test_prefetch_runs_at_most_depth_ahead_and_reraises():
+    from onnxobq.capture import prefetch
+
+    made = []
+
+    def items():
+        for i in range(6):
+            made.append(i)
+            yield i
+
+    for i in prefetch(items(), depth=1):
+        time.sleep(0.02)                   # let the producer run as far ahead as it may
+        assert len(made) <= i + 3          # item i in use, one queued, one being made
+    assert made == list(range(6))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch 2")
+
+    with pytest.raises(ValueError, match="bad batch 2"):
+        list(prefetch(failing(), depth=1))

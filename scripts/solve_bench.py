@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Solver speed, given the Hessians: a scaling table and the ResNet-50 layer set.
+
+Only the solver is timed (``onnxobq.solvers.METHODS[m].solve`` on arrays already
+on the device, with a device synchronisation before and after), not the capture.
+Each problem is a weight W (G, R, C) ~ N(0, 1) and a Hessian H = 2 Z Z^T / (2C) of
+Gaussian Z (C x 2C) with correlated rows; the solvers' cost depends only on the
+shapes. Every timing is the best of ``--repeat`` after one warm-up run of the shape.
+
+Nominal work, for the effective GFLOP/s column (flops = 2 x multiply-adds):
+
+* fastobq, gptq: (4/3) C^3 (two Cholesky factorisations, a triangular inverse and
+  a product) + R C^2 (the sweep);
+* obq: (4/3) C^3 + (2/3) R C^3 (each row downdates its own C x C inverse C times).
+
+Exact OBQ runs on ``--obq-rows`` rows of each problem, and its time is scaled by
+R / rows (its rows are independent; each batch of rows costs the same). The output
+says so on every such line.
+
+Examples::
+
+    python scripts/solve_bench.py --device cpu --cols 256,512,1024 --rows 256,1024
+    python scripts/solve_bench.py --device cuda --cols 256,512,1024,2048,4096,8192 --rows 256,1024,4096
+    python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq,obq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def problem(G: int, R: int, C: int, xp, dtype, seed: int = 0):
+    """W (G, R, C) and H (G, C, C) on ``xp``, built on the device."""
+    rs = xp.random.RandomState(seed)
+    W = rs.standard_normal((G, R, C)).astype(dtype)
+    Z = rs.standard_normal((G, C, 2 * C)).astype(dtype)
+    mix = xp.eye(C, dtype=dtype) + 0.3 * rs.standard_normal((C, C)).astype(dtype) / np.sqrt(C)
+    Z = mix @ Z
+    H = 2 * Z @ xp.swapaxes(Z, 1, 2) / (2 * C)
+    return W, H
+
+
+def nominal_flops(method: str, G: int, R: int, C: int) -> float:
+    base = G * (4 / 3) * C ** 3
+    if method == "obq":
+        return base + G * (2 / 3) * R * C ** 3
+    if method == "rtn":
+        return 0.0
+    return base + G * R * C ** 2
+
+
+def sync(xp) -> None:
+    if xp.__name__ == "cupy":
+        xp.cuda.Stream.null.synchronize()
+
+
+def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float, int]:
+    """Best-of-``repeat`` seconds for one solve, and the rows actually solved."""
+    from onnxobq.quant import GridSpec, fit_grid
+    from onnxobq.solvers import METHODS
+
+    rows = W.shape[1]
+    if method == "obq" and rows > obq_rows:
+        W, rows = W[:, :obq_rows].copy(), obq_rows
+    grid = fit_grid(W, GridSpec(bits=4), xp)
+    solver = METHODS[method]
+    kwargs = {} if method == "rtn" else dict(order=solver.default_order)
+    best = np.inf
+    for i in range(repeat + 1):                 # the first run warms up (kernel compilation)
+        sync(xp)
+        t = time.perf_counter()
+        solver.solve(W, None if method == "rtn" else H, grid, xp=xp, **kwargs)
+        sync(xp)
+        if i > 0 or repeat == 0:
+            best = min(best, time.perf_counter() - t)
+    return best, rows
+
+
+def resnet50_shapes() -> list[tuple[str, int, int, int]]:
+    """(name, G, R, C) of every layer of the speed benchmark's random ResNet-50."""
+    import onnx_graphsurgeon as gs
+    from onnxobq.graph import scan_layers
+    from speed_bench import resnet50
+
+    scan = scan_layers(gs.import_onnx(resnet50(0)))
+    return [(l.name, l.groups, l.rows, l.cols) for l in scan.layers]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.split("Examples::\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--methods", default="fastobq,gptq,obq")
+    p.add_argument("--cols", default="256,512,1024")
+    p.add_argument("--rows", default="256,1024")
+    p.add_argument("--resnet50", action="store_true", help="time every ResNet-50 layer shape instead")
+    p.add_argument("--precision", choices=("float32", "float64"), default=None,
+                   help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--obq-rows", type=int, default=8, help="rows exact OBQ solves before scaling (default 8)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from onnxobq.backend import array_module
+    xp = array_module(args.device)
+    dtype = args.precision or ("float32" if args.device == "cuda" else "float64")
+    methods = args.methods.split(",")
+    if args.resnet50:
+        shapes = resnet50_shapes()
+    else:
+        shapes = [(f"R{r}xC{c}", 1, int(r), int(c)) for c in args.cols.split(",") for r in args.rows.split(",")]
+    device = args.device
+    if xp.__name__ == "cupy":
+        props = xp.cuda.runtime.getDeviceProperties(0)
+        device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    print(f"device {device}, {dtype}, best of {args.repeat}")
+    print(f"{'problem':>22} {'G':>4} {'R':>5} {'C':>5} " + " ".join(f"{m + ' s':>12} {'GF/s':>7}" for m in methods))
+    records, totals = [], {m: 0.0 for m in methods}
+    for name, G, R, C in shapes:
+        W, H = problem(G, R, C, xp, dtype)
+        cells = []
+        for m in methods:
+            sec, rows = time_solve(m, W, H, xp, args.repeat, args.obq_rows)
+            scaled = sec * R / rows
+            totals[m] += scaled
+            gf = nominal_flops(m, G, R, C) / scaled / 1e9 if scaled > 0 else 0.0
+            cells.append(f"{scaled:>11.4f}{'*' if rows < R else ' '} {gf:>7.1f}")
+            records.append(dict(problem=name, G=G, R=R, C=C, method=m, seconds=scaled, solved_rows=rows,
+                                extrapolated=rows < R, nominal_tflops=nominal_flops(m, G, R, C) / 1e12))
+        print(f"{name:>22} {G:>4} {R:>5} {C:>5} " + " ".join(cells), flush=True)
+        del W, H
+    print("total: " + ", ".join(f"{m} {totals[m]:.3f} s" for m in methods))
+    if "fastobq" in totals and totals["fastobq"] > 0:
+        print("ratio to fastobq: " + ", ".join(f"{m} {totals[m] / totals['fastobq']:.1f}x" for m in methods))
+    if any(r["extrapolated"] for r in records):
+        print(f"* exact OBQ solved {args.obq_rows} rows of the problem; its time is scaled by R / {args.obq_rows}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(device=device, dtype=dtype, platform=platform.platform(),
+                                             argv=sys.argv, records=records, totals=totals), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
