@@ -187,7 +187,11 @@ def layer_columns(layer: Layer, a, xp):
 
 @dataclass
 class HessianSum:
-    """A running sum of X^T X and its sample count; H = 2 * sum / count at the end."""
+    """A running sum of X^T X and its sample count; H = 2 * sum / count at the end.
+
+    NumPy computes ``P @ P.T`` with a symmetric rank-k update (half a general product),
+    so the product is left to it; each batch's float32 product is added in place.
+    """
 
     sum: object = None
     count: int = 0
@@ -195,13 +199,18 @@ class HessianSum:
     def add(self, P, xp) -> None:
         """Add one batch given as P = X^T of each group (G, C, M)."""
         with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs are reported by the solve stage
-            part = (P @ xp.swapaxes(P, 1, 2)).astype(xp.float64)
-        self.sum = part if self.sum is None else self.sum + part
+            part = P @ xp.swapaxes(P, 1, 2)
+            if self.sum is None:
+                self.sum = part.astype(xp.float64)
+            else:
+                xp.add(self.sum, part, out=self.sum)   # in place: no float64 copy per batch
         self.count += P.shape[2]
 
     def hessian(self, xp):
-        """H = 2 X X^T / N, in float64."""
-        return self.sum * (2.0 / max(self.count, 1))
+        """H = 2 X X^T / N, in float64. Scales the running sum in place and hands it over."""
+        H, self.sum = self.sum, None
+        H *= 2.0 / max(self.count, 1)
+        return H
 
 
 def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp) -> None:

@@ -151,3 +151,16 @@ def test_prefetch_runs_at_most_depth_ahead_and_reraises():
 
     with pytest.raises(ValueError, match="bad batch 2"):
         list(prefetch(failing(), depth=1))
+
+
+def test_hessian_sum_over_batches_equals_the_full_product():
+    """Batches summed in place give 2 X X^T / N of all of them, symmetric."""
+    r = np.random.default_rng(8)
+    X = r.standard_normal((2, 301, 50)).astype(np.float32)          # (G, C, M)
+    acc = HessianSum()
+    for part in np.split(X, [20, 35], axis=2):
+        acc.add(np.ascontiguousarray(part), np)
+    H = acc.hessian(np)
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 50, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(H, H.transpose(0, 2, 1))
