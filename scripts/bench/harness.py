@@ -15,10 +15,11 @@ failed and timed-out runs are. One output folder holds one seed and one size
 (``quick`` or not): the harness refuses to mix them.
 
 Exact OBQ costs O(d_row * d_col^3) per layer. It is skipped, with the reason written
-in its JSON and shown in the table, when the model's widest layer has more than
-``obq_max_cols`` input columns (``--obq-max-cols``, default 1024: the PP-OCRv4
-recognizer's 1x3 Convs over 480 and 960 channels, 1440 and 2880 columns, would take
-tens of minutes on a CPU).
+in its JSON and shown in the table, when it would take more than ``obq_max_macs``
+multiply-adds over the model (``--obq-max-macs``, default 5e11). That admits the
+orientation classifier (3.0e11) and skips the recognizer (1.8e12: its 1x3 Convs over 960
+channels alone would take most of an hour on two CPU cores), the detector (6.5e12) and
+MiniLM.
 
 Record schema (``"schema": "onnxobq-bench/1"``), written as JSON (an SQNR of a model
 identical to FP32 is written as ``Infinity``):
@@ -72,7 +73,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "obq": ("obq", None),
 }
 DEFAULT_BITS = (8, 6, 4, 3)
-DEFAULT_OBQ_MAX_COLS = 1024
+DEFAULT_OBQ_MAX_MACS = 5e11
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -120,7 +121,7 @@ class HarnessConfig:
     Args:
         seed: seed of the case's data (default 0: the sets BENCHMARKS.md measured).
         quick: the case's smaller evaluation sets.
-        obq_max_cols: skip exact OBQ when a layer has more input columns than this.
+        obq_max_macs: skip exact OBQ when it would take more multiply-adds than this.
         timeout: seconds one ``onnxobq quantize`` may take (None: no limit).
         keep_models: keep the quantized models (default: delete each after measuring it).
         cli: the argv prefix that runs onnxobq.
@@ -129,7 +130,7 @@ class HarnessConfig:
 
     seed: int = 0
     quick: bool = False
-    obq_max_cols: int = DEFAULT_OBQ_MAX_COLS
+    obq_max_macs: float = DEFAULT_OBQ_MAX_MACS
     timeout: float | None = None
     keep_models: bool = False
     cli: tuple[str, ...] = field(default_factory=default_cli)
@@ -241,22 +242,28 @@ def evaluate_fp32(case: Case, model: Path, data: CaseData, cfg: HarnessConfig, e
     return record
 
 
-def obq_skip_reason(layers, max_cols: int) -> tuple[str, str] | None:
+def obq_macs(layers) -> float:
+    """Multiply-adds of exact OBQ over these layers as implemented: sum of G*R*C^3
+    (each row downdates its own C x C inverse Hessian C times)."""
+    return float(sum(l.groups * l.rows * l.cols ** 3 for l in layers))
+
+
+def obq_skip_reason(layers, max_macs: float) -> tuple[str, str] | None:
     """Why exact OBQ is skipped on these layers, long and short, or None when it runs.
 
     Args:
         layers: ``onnxobq.pipeline.inspect_model(...).layers``.
-        max_cols: the largest d_col OBQ may take.
+        max_macs: the most multiply-adds OBQ may take over the model.
     """
     if not layers:
         return None
-    widest = max(layers, key=lambda l: l.cols)
-    if widest.cols <= max_cols:
+    cost = obq_macs(layers)
+    if cost <= max_macs:
         return None
-    cost = sum(l.groups * l.rows * l.cols ** 3 for l in layers)
-    return (f"exact OBQ is O(d_row*d_col^3): layer {widest.name} has d_col {widest.cols} > --obq-max-cols "
-            f"{max_cols} (about {cost:.1e} multiply-adds over the model)",
-            f"d_col {widest.cols} > {max_cols}")
+    widest = max(layers, key=lambda l: l.groups * l.rows * l.cols ** 3)
+    return (f"exact OBQ is O(d_row*d_col^3): about {cost:.1e} multiply-adds over the model "
+            f"> --obq-max-macs {max_macs:.1e} (the largest, layer {widest.name}, is "
+            f"{widest.rows} x {widest.cols})", f"{cost:.1e} MACs > {max_macs:.0e}")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -281,7 +288,7 @@ def run_entry(case: Case, model: Path, data: CaseData, entry: GridEntry, cfg: Ha
     record.update(run_id=entry.run_id, label=entry.method, method=method, order=order, bits=entry.bits,
                   bn=entry.bn, status="ok", reason=None, short_reason=None, command=None)
     if method == "obq":
-        skip = obq_skip_reason(layers, cfg.obq_max_cols)
+        skip = obq_skip_reason(layers, cfg.obq_max_macs)
         if skip:
             record.update(status="skipped", reason=skip[0], short_reason=skip[1], finished=_now())
             return record

@@ -10,7 +10,7 @@ Examples::
     python scripts/bench/run.py --case ocr_rec --fp32-only                        # only the FP32 check
 
 Methods: rtn, gptq (natural order), gptq_act (act-order), fastobq_{sensi,err,w}_{des,asc},
-obq (exact; skipped where a layer has more than --obq-max-cols input columns), or all.
+obq (exact; skipped where it would take more than --obq-max-macs multiply-adds), or all.
 
 Exit status: 0; 1 when a FP32 model does not reproduce BENCHMARKS.md (each missed figure
 is printed); 2 for a bad command line or a case that cannot run here; 3 when some run
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cases  # noqa: E402
 from bench.case import CaseUnavailable, FP32Mismatch  # noqa: E402
-from bench.harness import (DEFAULT_OBQ_MAX_COLS, METHODS, HarnessConfig, default_cli,  # noqa: E402
+from bench.harness import (DEFAULT_OBQ_MAX_MACS, METHODS, HarnessConfig, default_cli,  # noqa: E402
                            make_grid, run_case)
 
 EXTRA_CASES = ("synthetic",)
@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out/grid"), help="output folder (default bench_out/grid)")
     p.add_argument("--quick", action="store_true", help="the cases' smaller evaluation sets")
     p.add_argument("--fp32-only", action="store_true", help="only check the FP32 figures")
-    p.add_argument("--obq-max-cols", type=int, default=DEFAULT_OBQ_MAX_COLS,
-                   help=f"skip exact OBQ on models with a layer wider than this (default {DEFAULT_OBQ_MAX_COLS})")
+    p.add_argument("--obq-max-macs", type=float, default=DEFAULT_OBQ_MAX_MACS,
+                   help=f"skip exact OBQ where it would take more multiply-adds (default {DEFAULT_OBQ_MAX_MACS:.0e})")
     p.add_argument("--timeout", type=float, help="seconds one quantization may take (default: no limit)")
     p.add_argument("--threads", type=int, help="onnxruntime threads of the cases' evaluation (where a case has them)")
     p.add_argument("--keep-models", action="store_true", help="keep the quantized models under OUT/CASE/models")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     except ValueError:
         raise SystemExit(f"run.py: error: --bits {args.bits!r}: give comma-separated integers, e.g. 8,4") from None
     bns = [{"on": True, "off": False}[b] for b in _list(args.bn, ("on", "off"), "bn")]
-    cfg = HarnessConfig(seed=args.seed, quick=args.quick, obq_max_cols=args.obq_max_cols, timeout=args.timeout,
+    cfg = HarnessConfig(seed=args.seed, quick=args.quick, obq_max_macs=args.obq_max_macs, timeout=args.timeout,
                         keep_models=args.keep_models,
                         cli=tuple(shlex.split(args.onnxobq)) if args.onnxobq else default_cli(),
                         extra_args=tuple(shlex.split(args.quantize_args)))

@@ -39,7 +39,7 @@ def grid_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     case = SyntheticCase(root=root / "model", eval_samples=32)
     entries = [GridEntry("rtn", 4, False), GridEntry("fastobq_sensi_des", 4, True), GridEntry("obq", 4, False)]
-    cfg = HarnessConfig(seed=3, obq_max_cols=8)            # the synthetic conv1 has 72 columns: OBQ is skipped
+    cfg = HarnessConfig(seed=3, obq_max_macs=1e3)          # the synthetic model needs more: OBQ is skipped
     records = run_case(case, entries, root / "out", cfg, log=lambda s: None)
     return case, entries, cfg, root / "out", records
 
@@ -73,8 +73,9 @@ def test_records_follow_the_schema(grid_run):
     assert "--no-bn-reestimate" in rtn["command"]
     assert (fastobq["method"], fastobq["order"], fastobq["bn"]) == ("fastobq", "sensi_des", True)
     assert "--order sensi_des" in fastobq["command"] and "--no-bn-reestimate" not in fastobq["command"]
-    assert obq["command"] is None and "--obq-max-cols 8" in obq["reason"]
-    assert obq["short_reason"] == "d_col 72 > 8"
+    assert obq["command"] is None and "--obq-max-macs 1.0e+03" in obq["reason"]
+    # sum of R * C^3: conv1 16 * 72^3 + conv2 16 * 16^3 + fc 10 * 16^3 = 6,078,464
+    assert obq["short_reason"] == "6.1e+06 MACs > 1e+03" and "6.1e+06 multiply-adds" in obq["reason"]
     assert not list((out / "synthetic" / "models").glob("*.onnx"))   # deleted unless keep_models
 
 
@@ -89,7 +90,7 @@ def test_table_rows_and_cells(grid_run):
     assert rows[0] == ["**FP32**", "1.000", "1.000", "-"]
     assert rows[1][:3] == ["rtn", "not run", table.fmt_metric(rtn["primary_value"])]
     assert rows[2][:3] == ["fastobq_sensi_des", table.fmt_metric(fastobq["primary_value"]), "not run"]
-    assert rows[3] == ["obq", "not run", "skipped (d_col 72 > 8)", "-"]
+    assert rows[3] == ["obq", "not run", "skipped (6.1e+06 MACs > 1e+03)", "-"]
     assert rows[1][3] == f"{rtn['quant_seconds']:.1f} ({rtn['stages_seconds']['solve']:.1f})"
     assert f"| fastobq_sensi_des | {table.fmt_agreement(fastobq)} | not run |" in lines
 
