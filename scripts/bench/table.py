@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -74,6 +75,22 @@ def fmt_time(runs: list[dict]) -> str:
     return f"{wall:.1f} ({solve:.1f})"
 
 
+def layer_error_ratio(record: dict) -> float | None:
+    """Geometric mean over the layers of error / RTN error, from the run's ``--report``
+    (both ||WX-QX||^2/||WX||^2 on the calibration Hessian); below 1 beats rounding."""
+    ratios = [l["error"] / l["rtn_error"] for l in record.get("layers") or []
+              if l.get("error") is not None and l.get("rtn_error")]
+    ratios = [r for r in ratios if r > 0]
+    if not ratios:
+        return None
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def fmt_ratio(record: dict) -> str:
+    value = layer_error_ratio(record)
+    return "-" if value is None else f"{value:.3f}"
+
+
 def cell(record: dict | None, value) -> str:
     """A table cell: the value of an ``ok`` record, else why there is none."""
     if record is None:
@@ -112,6 +129,13 @@ def case_section(name: str, records: list[dict]) -> list[str]:
                 "(SQNR dB / cosine / top-1 agreement where it applies):", ""]
     rows = [[label] + [cell(by_key.get((label, b, bn)), fmt_agreement) for b, bn in cols]
             for label in _rows(runs)]
+    out += _table(head, rows)
+
+    out += ["", "Per-layer error relative to round-to-nearest (geometric mean over the layers of "
+                "||WX-QX||^2 / ||WX-Q_rtn X||^2 on the calibration data; the paper's Figure 1 "
+                "compares these per layer):", ""]
+    rows = [[label] + [cell(by_key.get((label, b, bn)), fmt_ratio) for b, bn in cols]
+            for label in _rows(runs) if label != "rtn"]
     out += _table(head, rows)
     out += [""] + settings_lines(any_record, fp32)
     return out

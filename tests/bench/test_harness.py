@@ -136,3 +136,11 @@ def test_plots_are_written(grid_run, tmp_path):
     assert sorted(p.name for p in written) == ["synthetic_fig1_layer_error.png", "synthetic_metric_vs_bits.png",
                                                "synthetic_time.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_layer_error_ratio_is_the_geometric_mean_against_rtn():
+    layers = [dict(error=0.1, rtn_error=1.0), dict(error=0.8, rtn_error=2.0),      # ratios 0.1 and 0.4
+              dict(error=None, rtn_error=None), dict(error=0.5, rtn_error=0.0)]    # no Hessian / zero output
+    assert table.layer_error_ratio({"layers": layers}) == pytest.approx(0.2)       # sqrt(0.1 * 0.4)
+    assert table.fmt_ratio({"layers": layers}) == "0.200"
+    assert table.layer_error_ratio({"layers": []}) is None and table.fmt_ratio({}) == "-"
