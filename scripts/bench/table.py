@@ -12,6 +12,7 @@ Usage::
 
     python scripts/bench/table.py bench_out/grid              # prints the tables
     python scripts/bench/table.py bench_out/grid -o bench_out/grid/table.md
+    python scripts/bench/table.py bench_out/grid --headline 4,3      # one table across the cases
 """
 from __future__ import annotations
 
@@ -154,6 +155,24 @@ def settings_lines(record: dict, fp32: dict | None) -> list[str]:
     return lines + [""]
 
 
+def headline(records: list[dict], bits: tuple[int, ...] = (4, 3), bn: bool = True) -> str:
+    """One table across the cases: each case's primary metric at the given bit widths and BN
+    setting (rows = methods, a FP32 row first)."""
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    runs = [r for r in records if r["kind"] == "run" and r["bn"] == bn and r["bits"] in bits]
+    by_key = {(r["case"], r["label"], r["bits"]): r for r in runs}
+    fp32 = {r["case"]: r for r in records if r["kind"] == "fp32"}
+    cols = [(c, b) for c in cases for b in bits]
+    first = {c: next(r for r in records if r["case"] == c) for c in cases}
+    head = ["method"] + [f"{c} {first[c]['primary']} W{b}" for c, b in cols]
+    rows = [["**FP32**"] + [fmt_metric(fp32[c]["primary_value"]) if c in fp32 else "-" for c, _ in cols]]
+    for label in _rows(runs):
+        rows.append([label] + [cell(by_key.get((c, label, b)), lambda r: fmt_metric(r["primary_value"]))
+                               for c, b in cols])
+    better = ", ".join(f"{c}: {'higher' if first[c]['higher_is_better'] else 'lower'}" for c in cases)
+    return "\n".join(_table(head, rows) + ["", f"BN re-estimation {'on' if bn else 'off'}; better is {better}."])
+
+
 def markdown(records: list[dict]) -> str:
     """All cases' tables, cases in the order first seen."""
     cases = list(dict.fromkeys(r["case"] for r in records))
@@ -167,12 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path, help="the harness output folder (searched recursively)")
     p.add_argument("-o", "--output", type=Path, help="write here instead of printing")
+    p.add_argument("--headline", metavar="BITS", help="only the table across cases at these bit widths, e.g. 4,3")
+    p.add_argument("--bn", choices=("on", "off"), default="on", help="BN setting of --headline (default on)")
     args = p.parse_args(argv)
     records = load_records(args.folder)
     if not records:
         print(f"no harness records under {args.folder}", file=sys.stderr)
         return 1
-    text = markdown(records)
+    if args.headline:
+        text = headline(records, tuple(int(b) for b in args.headline.split(",")), args.bn == "on")
+    else:
+        text = markdown(records)
     if args.output:
         args.output.write_text(text)
         print(f"wrote {args.output}")

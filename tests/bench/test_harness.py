@@ -144,3 +144,18 @@ def test_layer_error_ratio_is_the_geometric_mean_against_rtn():
     assert table.layer_error_ratio({"layers": layers}) == pytest.approx(0.2)       # sqrt(0.1 * 0.4)
     assert table.fmt_ratio({"layers": layers}) == "0.200"
     assert table.layer_error_ratio({"layers": []}) is None and table.fmt_ratio({}) == "-"
+
+
+def test_headline_table_across_cases():
+    def rec(case, kind, label, bits, value, status="ok"):
+        return dict(case=case, kind=kind, label=label, bits=bits, bn=True, status=status, primary_value=value,
+                    primary="cer" if case == "b" else "acc", higher_is_better=case != "b",
+                    short_reason="too slow")
+    records = [rec("a", "fp32", "fp32", 32, 0.9), rec("a", "run", "rtn", 4, 0.5), rec("a", "run", "obq", 4, None, "skipped"),
+               rec("b", "fp32", "fp32", 32, 0.01), rec("b", "run", "rtn", 4, 0.25), rec("b", "run", "rtn", 3, 1.0)]
+    lines = table.headline(records, bits=(4, 3)).splitlines()
+    assert lines[0] == "| method | a acc W4 | a acc W3 | b cer W4 | b cer W3 |"
+    assert lines[2] == "| **FP32** | 0.900 | 0.900 | 0.0100 | 0.0100 |"
+    assert lines[3] == "| rtn | 0.500 | not run | 0.250 | 1.000 |"
+    assert lines[4] == "| obq | skipped (too slow) | not run | not run | not run |"
+    assert lines[-1] == "BN re-estimation on; better is a: higher, b: lower."
