@@ -283,47 +283,6 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         worker.join()
 
 
-def gather(runs: Iterable[tuple[int, dict]], samples: int, axes: dict[str, int]) -> Iterator[tuple[int, dict]]:
-    """Join consecutive runs into groups of at least ``samples`` samples.
-
-    A model with a fixed batch of 1 is run one sample at a time; its layer inputs are
-    joined (along each tensor's sample axis in ``axes``) before the Hessian products,
-    so that each product covers several samples and each running sum is updated once
-    per group rather than once per sample. Runs whose other dimensions differ (dynamic
-    spatial sizes) are never joined: the group so far is handed on first.
-
-    Args:
-        runs: (samples in the run, {tensor name: array}) in order.
-        samples: the group size to reach (the calibration batch size).
-        axes: the axis along which each tensor's samples lie.
-
-    Yields:
-        (samples in the group, {tensor name: joined array}).
-    """
-    group: list[dict] = []
-    count = 0
-
-    def shape_key(acts):
-        return {k: a.shape[:axes[k]] + a.shape[axes[k] + 1:] for k, a in acts.items()}
-
-    def joined():
-        if len(group) == 1:
-            return count, group[0]
-        return count, {k: np.concatenate([g[k] for g in group], axis=axes[k]) for k in group[0]}
-
-    for n, acts in runs:
-        if group and shape_key(acts) != shape_key(group[0]):
-            yield joined()
-            group, count = [], 0
-        group.append(acts)
-        count += n
-        if count >= samples:
-            yield joined()
-            group, count = [], 0
-    if group:
-        yield joined()
-
-
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int = 1) -> Captured:
@@ -354,18 +313,15 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     sums = {key: HessianSum() for key in first}
     samples = 0
 
-    needed = {layer.input for layer in first.values()}
-    axes = {layer.input: 1 if layer.trans_a else 0 for layer in first.values()}
-
     def forward():
         for feed in batches(calib, inputs):
             acts = run(sess, names, feed) if names else {}
-            acts.update(feed)
-            yield next(iter(feed.values())).shape[0], {k: acts[k] for k in needed}
+            yield feed, {**acts, **feed}
 
-    for n, acts in gather(prefetch(forward(), pipeline_depth), calib.batch_size, axes):
+    for feed, acts in prefetch(forward(), pipeline_depth):
         for key, layer in first.items():
             accumulate(layer, acts[layer.input], sums[key], xp)
+        n = next(iter(feed.values())).shape[0]
         samples += n
         if on_batch:
             on_batch(n)

@@ -164,31 +164,3 @@ def test_hessian_sum_over_batches_equals_the_full_product():
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 50, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(H, H.transpose(0, 2, 1))
-
-
-def test_fixed_batch_runs_are_joined_and_give_the_same_hessians(tmp_path):
-    """A model with a fixed batch of 1 runs per sample; joining the runs changes no Hessian."""
-    x = np.random.default_rng(9).standard_normal((7, 3, 12, 12)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", x=x)
-    one = builders.conv_stack(batch=1)
-    layers = scan_layers(gs.import_onnx(one)).layers
-    ref = capture_hessians(builders.conv_stack(), layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=7), np)
-    seen = []
-    got = capture_hessians(one, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=3), np,
-                           on_batch=seen.append)
-    assert seen == [3, 3, 1] and got.samples == 7 and got.rows == ref.rows
-    for key, H in ref.hessians.items():
-        np.testing.assert_allclose(got.hessians[key], H, rtol=1e-5, atol=1e-6)
-
-
-def test_gather_joins_along_the_sample_axis_and_never_across_shapes():
-    from onnxobq.capture import gather
-
-    a = lambda n, w: {"x": np.full((n, 2, w), float(w)), "t": np.zeros((5, n))}    # t: Gemm transA, samples on axis 1
-    runs = [(1, a(1, 4)), (1, a(1, 4)), (1, a(1, 6)), (2, a(2, 6)), (1, a(1, 6))]
-    groups = list(gather(runs, 2, {"x": 0, "t": 1}))
-    assert [(n, g["x"].shape, g["t"].shape) for n, g in groups] == [
-        (2, (2, 2, 4), (5, 2)),        # two runs joined
-        (3, (3, 2, 6), (5, 3)),        # the width changed: a new group, which reaches 2 samples with 3
-        (1, (1, 2, 6), (5, 1)),        # the rest
-    ]
