@@ -44,8 +44,11 @@ identical to FP32 is written as ``Infinity``):
 from __future__ import annotations
 
 import datetime
+import hashlib
+import inspect
 import json
 import os
+import pickle
 import platform
 import shlex
 import shutil
@@ -361,6 +364,32 @@ def _check_folder(case_dir: Path, cfg: HarnessConfig) -> None:
                              f"give another output folder for seed {cfg.seed} quick={cfg.quick}")
 
 
+def case_data(case: Case, data_dir: Path, seed: int, quick: bool) -> tuple[CaseData, bool]:
+    """The case's data: made by ``case.make_data``, or reused from an earlier call.
+
+    The data are deterministic in (seed, quick) and the case's code, so they are kept in
+    ``data_dir/casedata.pkl`` under a key of those three (the code as the hash of the case's
+    source file) and made again whenever the key differs.
+
+    Returns:
+        (data, reused).
+    """
+    source = Path(inspect.getsourcefile(type(case))).read_bytes()
+    key = {"seed": seed, "quick": quick, "code": hashlib.sha256(source).hexdigest()}
+    stamp = Path(data_dir) / "casedata.pkl"
+    if stamp.is_file():
+        try:
+            saved = pickle.loads(stamp.read_bytes())
+            if saved.get("key") == key:
+                return saved["data"], True
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            pass
+    data = case.make_data(Path(data_dir), seed, quick)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_bytes(pickle.dumps({"key": key, "data": data}))
+    return data, False
+
+
 def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessConfig = HarnessConfig(),
              log: Callable[[str], None] = print) -> list[dict]:
     """Check FP32, then run every grid entry of one case (resuming where ``OUT/CASE/runs`` has it).
@@ -377,9 +406,9 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
     env = {"versions": versions(case), "machine": machine()}
     model = case.model_path()
     start = time.perf_counter()
-    data = case.make_data(case_dir / "data", cfg.seed, cfg.quick)
-    log(f"{case.name}: data ready in {time.perf_counter() - start:.1f} s (seed {cfg.seed}"
-        f"{', quick' if cfg.quick else ''})")
+    data, reused = case_data(case, case_dir / "data", cfg.seed, cfg.quick)
+    log(f"{case.name}: data {'reused' if reused else 'ready'} in {time.perf_counter() - start:.1f} s "
+        f"(seed {cfg.seed}{', quick' if cfg.quick else ''})")
     fp32 = evaluate_fp32(case, model, data, cfg, env, case_dir)
     log(f"{case.name}: FP32 " + ", ".join(f"{k} {v:.4g}" for k, v in fp32["metrics"].items()) + " (matches)")
     layers = None

@@ -159,3 +159,22 @@ def test_headline_table_across_cases():
     assert lines[3] == "| rtn | 0.500 | not run | 0.250 | 1.000 |"
     assert lines[4] == "| obq | skipped (too slow) | not run | not run | not run |"
     assert lines[-1] == "BN re-estimation on; better is a: higher, b: lower."
+
+
+def test_case_data_is_reused_for_the_same_seed_and_made_again_for_another(tmp_path):
+    from bench.harness import case_data
+
+    made = []
+
+    class Counting(SyntheticCase):
+        def make_data(self, out_dir, seed, quick=False):
+            made.append(seed)
+            return super().make_data(out_dir, seed, quick)
+
+    case = Counting()
+    first, reused = case_data(case, tmp_path / "data", 3, True)
+    again, reused_again = case_data(case, tmp_path / "data", 3, True)
+    assert (reused, reused_again, made) == (False, True, [3])
+    assert (again.calib, again.held_out, again.calib_args) == (first.calib, first.held_out, first.calib_args)
+    _, reused_other = case_data(case, tmp_path / "data", 4, True)
+    assert reused_other is False and made == [3, 4]
