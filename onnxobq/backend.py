@@ -51,6 +51,12 @@ def is_cupy(xp) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
 
 
+def synchronize(xp) -> None:
+    """Wait for the GPU's queued work (no-op on NumPy), so that a timer sees it."""
+    if is_cupy(xp):
+        xp.cuda.Stream.null.synchronize()
+
+
 def to_numpy(a) -> np.ndarray:
     """Bring an array from either module back to the host as a NumPy array."""
     if isinstance(a, np.ndarray):

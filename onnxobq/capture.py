@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .backend import is_cupy, to_numpy
 from .calibration import CalibConfig, InputSpec, batches
 from .errors import UserError
 from .graph.io import serialized
@@ -283,6 +282,14 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         worker.join()
 
 
+def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
+    """The layer inputs a capture session exposes as extra outputs: tensor name -> ONNX
+    element type (model inputs are fed, not captured)."""
+    feeds = {s.name for s in model_inputs(model)}
+    return {l.input: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(l.dtype))
+            for l in layers if l.input not in feeds}
+
+
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int = 1) -> Captured:
@@ -302,12 +309,10 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         Captured: the Hessians (float64 on ``xp``) and their row counts by hessian_key.
     """
     inputs = model_inputs(model)
-    feeds = {s.name for s in inputs}
     first = {}
     for layer in layers:
         first.setdefault(layer.hessian_key, layer)
-    dtypes = {l.input: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(l.dtype))
-              for l in first.values() if l.input not in feeds}
+    dtypes = layer_input_outputs(model, list(first.values()))
     sess = session(model, dtypes, device)
     names = list(dtypes)
     sums = {key: HessianSum() for key in first}

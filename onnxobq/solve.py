@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import is_cupy, to_numpy
+from .backend import is_cupy, synchronize, to_numpy
 from .config import SolveConfig
 from .graph.layers import Layer, from_matrix, to_matrix
 from .quant import fit_grid
@@ -88,11 +88,6 @@ def working_dtype(precision: str, xp):
     return getattr(xp, precision)
 
 
-def _sync(xp) -> None:
-    if is_cupy(xp):
-        xp.cuda.Stream.null.synchronize()
-
-
 def solve_layer(layer: Layer, w: np.ndarray, H, cfg: SolveConfig, xp,
                 rows: int | None = None) -> tuple[QuantizedLayer, LayerStats]:
     """Quantize one layer.
@@ -116,14 +111,14 @@ def solve_layer(layer: Layer, w: np.ndarray, H, cfg: SolveConfig, xp,
     if bad_input:  # NaN/Inf activations (e.g. from a layer upstream left in float): no usable H
         method, Hw = METHODS["rtn"], None
     grid = fit_grid(W, cfg.grid, xp)
-    _sync(xp)
+    synchronize(xp)
     start = time.perf_counter()
     if Hw is None:
         res = method.solve(W, None, grid, xp=xp)
     else:
         res = method.solve(W, Hw, grid, order=cfg.order or method.default_order,
                            block=cfg.block, damp=cfg.damp, xp=xp)
-    _sync(xp)
+    synchronize(xp)
     seconds = time.perf_counter() - start
     error = rtn_error = None
     note = ""

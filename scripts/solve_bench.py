@@ -59,11 +59,6 @@ def nominal_flops(method: str, G: int, R: int, C: int) -> float:
     return base + G * R * C ** 2
 
 
-def sync(xp) -> None:
-    if xp.__name__ == "cupy":
-        xp.cuda.Stream.null.synchronize()
-
-
 def obq_sample_rows(R: int, C: int, itemsize: int, want: int) -> int:
     """Rows of a problem that exact OBQ solves for timing: whole row batches of the
     solver (``obq.ROW_BATCH_BYTES``), at least ``want`` rows, at most R."""
@@ -81,6 +76,7 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
     the number of row batches of the full problem over those solved.
     """
     import math
+    from onnxobq.backend import synchronize
     from onnxobq.quant import GridSpec, fit_grid
     from onnxobq.solvers import METHODS
     from onnxobq.solvers.obq import ROW_BATCH_BYTES
@@ -97,10 +93,10 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
     kwargs = {} if method == "rtn" else dict(order=solver.default_order)
     best = np.inf
     for i in range(repeat + 1):                 # the first run warms up (kernel compilation)
-        sync(xp)
+        synchronize(xp)
         t = time.perf_counter()
         solver.solve(W, None if method == "rtn" else H, grid, xp=xp, **kwargs)
-        sync(xp)
+        synchronize(xp)
         if i > 0 or repeat == 0:
             best = min(best, time.perf_counter() - t)
     return best * factor, rows

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +37,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import default_cli  # noqa: E402
 
 STAGES = ("load", "capture", "solve", "bn", "export")
 
@@ -87,18 +89,10 @@ def _random_weight(name: str, shape: tuple, rng) -> np.ndarray:
     return (std * rng.standard_normal(shape)).astype(np.float32)
 
 
-def cli() -> list[str]:
-    exe = Path(sys.executable).with_name("onnxobq")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("onnxobq")
-    return [found] if found else [sys.executable, "-m", "onnxobq"]
-
-
 def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, args) -> dict:
     """One ``onnxobq quantize`` subprocess; the parsed report plus the wall time."""
     report = out_dir / f"{tag}.json"
-    cmd = cli() + ["quantize", str(model), "-o", str(out_dir / "q.onnx"), "--calib", "random",
+    cmd = list(default_cli()) + ["quantize", str(model), "-o", str(out_dir / "q.onnx"), "--calib", "random",
                    "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                    "--bits", str(args.bits), "--method", method, "--device", device,
                    "--report", str(report), "-q"]
@@ -120,18 +114,13 @@ def forward_seconds(model_path: Path, samples: int, batch_size: int, capture_out
     through a session that (with ``capture_outputs``) exposes every layer input as the capture does."""
     import onnx_graphsurgeon as gs
     from onnxobq.calibration import CalibConfig, batches
-    from onnxobq.capture import model_inputs, session
+    from onnxobq.capture import layer_input_outputs, model_inputs, session
     from onnxobq.graph import scan_layers
 
     model = onnx.load(model_path)
     inputs = model_inputs(model)
-    feeds = {s.name for s in inputs}
-    extra = {}
-    if capture_outputs:
-        for layer in scan_layers(gs.import_onnx(model)).layers:
-            if layer.input not in feeds:
-                extra[layer.input] = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(layer.dtype))
-    sess = session(model, extra)
+    layers = scan_layers(gs.import_onnx(model)).layers
+    sess = session(model, layer_input_outputs(model, layers) if capture_outputs else {})
     names = [o.name for o in sess.get_outputs()]
     data = list(batches(CalibConfig(source="random", samples=samples, batch_size=batch_size), inputs))
     start = time.perf_counter()

