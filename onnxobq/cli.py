@@ -181,10 +181,15 @@ def cli():
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Solver arithmetic (auto: float64 on the CPU, float32 on a GPU).")
 @click.option("--report", "report_path", help="Also write the report as JSON here.")
+@click.option("--save-hessians", metavar="FILE.npz",
+              help="Also save the captured Hessians here, to reuse them with --hessians.")
+@click.option("--hessians", "hessians_path", metavar="FILE.npz",
+              help="Use Hessians saved by --save-hessians from the same model and --calib options "
+                   "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
              scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, exclude, device, precision,
-             report_path, quiet, **calib_kw):
+             report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
@@ -195,8 +200,9 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
     if output is None:
         stem = os.path.splitext(model)[0]
         output = f"{stem}.w{bits}.{fmt}.onnx"
-    if report_path is not None:
-        _check_report_path(report_path, model, output)
+    for option, path in (("--report", report_path), ("--save-hessians", save_hessians)):
+        if path is not None:
+            _check_side_file(path, option, model, output)
     cfg = QuantizeConfig(
         model=model, output=output, calib=calib_config(calib_kw),
         solve=SolveConfig(method=method, order=order, block=block,
@@ -205,7 +211,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
                           precision=precision),
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct),
-        device=device, exclude=tuple(exclude), report=report_path)
+        device=device, exclude=tuple(exclude), report=report_path,
+        hessians=hessians_path, save_hessians=save_hessians)
     report = pipeline.run(cfg, BarProgress(not quiet))
     if not quiet:
         click.echo(pipeline.layer_table(report))
@@ -215,21 +222,21 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
             click.echo(line)
 
 
-def _check_report_path(report: str, model: str, output: str) -> None:
-    """Refuse a --report path that would overwrite the input or output model, or cannot be written."""
-    real = os.path.realpath(report)
+def _check_side_file(path: str, option: str, model: str, output: str) -> None:
+    """Refuse a --report or --save-hessians path that would overwrite the input or output model,
+    or cannot be written."""
+    example = "hessians.npz" if option == "--save-hessians" else "report.json"
+    real = os.path.realpath(path)
     for other, what in ((model, "the input model"), (output, "the output model"),
                         (output + ".data", "the output model's data")):
         if real == os.path.realpath(other):
-            raise click.BadParameter(f"{report}: this is {what}; give another file, e.g. report.json",
-                                     param_hint="--report")
+            raise click.BadParameter(f"{path}: this is {what}; give another file, e.g. {example}",
+                                     param_hint=option)
     if os.path.isdir(real):
-        raise click.BadParameter(f"{report}: is a folder; give a file name, e.g. report.json",
-                                 param_hint="--report")
+        raise click.BadParameter(f"{path}: is a folder; give a file name, e.g. {example}", param_hint=option)
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
-        raise click.BadParameter(f"{report}: folder {parent} does not exist; create it first",
-                                 param_hint="--report")
+        raise click.BadParameter(f"{path}: folder {parent} does not exist; create it first", param_hint=option)
 
 
 @cli.command()

@@ -73,6 +73,9 @@ class QuantizeConfig:
         device: "auto", "cpu" or "cuda" for the Hessians and the solver.
         exclude: glob patterns of layer names to leave in float.
         report: write the JSON report here (None: no file).
+        hessians: read the Hessians from this file (written by ``save_hessians``) instead
+            of capturing them; ``calib`` is then needed only for BN re-estimation.
+        save_hessians: also write the captured Hessians to this file.
     """
 
     model: str
@@ -85,6 +88,8 @@ class QuantizeConfig:
     device: str = "auto"
     exclude: tuple[str, ...] = ()
     report: str | None = None
+    hessians: str | None = None
+    save_hessians: str | None = None
 
 
 # Image pre-processing of common exporters; explicit options override a preset.

@@ -15,6 +15,7 @@ from .calibration import planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
+from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_layers, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
@@ -42,11 +43,17 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
-    if cfg.calib is not None:
+    if cfg.hessians is not None:
+        with _stage(stages, "load_hessians"):
+            captured = load_hessians(cfg.hessians, scan.layers, cfg.model, cfg.calib, xp)
+    elif cfg.calib is not None:
         with _stage(stages, "capture"):
             progress.start("calibration", _planned(cfg, model))
             captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance)
             progress.finish()
+    if cfg.save_hessians is not None:
+        with _stage(stages, "save_hessians"):
+            save_hessians(cfg.save_hessians, captured, scan.layers, cfg.model, cfg.calib)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(scan, captured, cfg, xp, progress)
     samples = captured.samples
@@ -116,7 +123,16 @@ def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
                         + (f" ({reasons})" if reasons else "")
                         + "; onnxobq quantizes layers with a constant float weight, and this model has none")
     method = METHODS[cfg.solve.method]
-    if method.uses_hessian and cfg.calib is None:
+    if cfg.save_hessians is not None and cfg.hessians is not None:
+        raise UserError(f"--save-hessians {cfg.save_hessians}: the Hessians come from --hessians {cfg.hessians} "
+                        "already; give one of the two")
+    if cfg.calib is None and cfg.save_hessians is not None:
+        raise UserError(f"--save-hessians {cfg.save_hessians}: there are no Hessians to save without "
+                        "calibration data; give --calib FOLDER|FILE")
+    if cfg.calib is None and cfg.hessians is not None and cfg.bn.reestimate:
+        raise UserError(f"--hessians {cfg.hessians}: BatchNorm re-estimation still needs the calibration "
+                        "data; give the --calib options the Hessians were saved with, or --no-bn-reestimate")
+    if method.uses_hessian and cfg.calib is None and cfg.hessians is None:
         raise UserError(f"--method {cfg.solve.method} needs calibration data: give --calib FOLDER|FILE, "
                         "or --calib random for a smoke run")
 

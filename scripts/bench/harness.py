@@ -10,6 +10,12 @@ For a case (see ``bench.case``) the harness
    agreement with FP32 on the held-out inputs (``onnxobq.compare.compare_models``),
    and writes ``OUT/CASE/runs/RUN_ID.json``.
 
+The Hessians depend only on the model and the calibration data, so the first run of a
+case that captures them saves them (``--save-hessians OUT/CASE/data/hessians.npz``) and
+every later run loads them (``--hessians``). A run that loaded them reports the time it
+measured plus the capture time of the run that saved them, so that every method's
+time still counts a capture.
+
 Runs whose JSON already says ``"status": "ok"`` are not run again (resume); skipped,
 failed and timed-out runs are. One output folder holds one seed and one size
 (``quick`` or not): the harness refuses to mix them.
@@ -35,7 +41,9 @@ identical to FP32 is written as ``Infinity``):
   ("ok" | "skipped" | "failed" | "timeout"), reason and short_reason (null when ok),
   command (null when skipped); when ok also metrics, primary_value, agreement
   [{output, sqnr_db, cosine, top1_agreement}], quant_seconds (wall time of the
-  subprocess), report_seconds and stages_seconds (from ``--report``), peak_rss_mb,
+  subprocess, plus capture_seconds when the Hessians were loaded), hessians ("captured",
+  "saved" or "loaded"), capture_seconds (the capture stage of the run that measured it),
+  quant_seconds_measured (the wall time of the subprocess alone), report_seconds and stages_seconds (from ``--report``), peak_rss_mb,
   peak_gpu_mb, device, calibration_samples, storage, bn_report, quantize_settings
   (every onnxobq setting, from ``--report``), layers (per-layer
   figures of ``--report``: name, op, shape, groups, bits, method, error, rtn_error,
@@ -129,6 +137,7 @@ class HarnessConfig:
         keep_models: keep the quantized models (default: delete each after measuring it).
         cli: the argv prefix that runs onnxobq.
         extra_args: more ``onnxobq quantize`` options for every run, e.g. ``("--device", "cpu")``.
+        reuse_hessians: capture each case's Hessians once and load them in later runs.
     """
 
     seed: int = 0
@@ -138,6 +147,7 @@ class HarnessConfig:
     keep_models: bool = False
     cli: tuple[str, ...] = field(default_factory=default_cli)
     extra_args: tuple[str, ...] = ()
+    reuse_hessians: bool = True
 
 
 # ----------------------------------------------------------------------------- environment
@@ -272,10 +282,38 @@ def obq_skip_reason(layers, max_macs: float) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- runs
 
 def quantize_command(cfg: HarnessConfig, model: Path, data: CaseData, entry: GridEntry,
-                     output: Path, report: Path) -> list[str]:
+                     output: Path, report: Path, hessian_args: tuple[str, ...] = ()) -> list[str]:
     """The ``onnxobq quantize`` argv of one grid entry."""
     return [*cfg.cli, "quantize", str(model), "--calib", data.calib, *data.calib_args, *entry.args(),
-            "-o", str(output), "--report", str(report), "-q", *cfg.extra_args]
+            "-o", str(output), "--report", str(report), "-q", *hessian_args, *cfg.extra_args]
+
+
+@dataclass(frozen=True)
+class HessianCache:
+    """A case's saved Hessians (``path``) and the capture time of the run that saved them."""
+
+    path: Path
+
+    @property
+    def stamp(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def capture_seconds(self) -> float | None:
+        """The saving run's capture time, or None when nothing usable is saved."""
+        if not (self.path.is_file() and self.stamp.is_file()):
+            return None
+        return json.loads(self.stamp.read_text())["capture_seconds"]
+
+    def args(self) -> tuple[str, ...]:
+        flag = "--hessians" if self.capture_seconds() is not None else "--save-hessians"
+        return (flag, str(self.path))
+
+    def saved(self, report: dict) -> None:
+        self.stamp.write_text(json.dumps({"capture_seconds": report["stages_seconds"]["capture"]}))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.stamp.unlink(missing_ok=True)
 
 
 def _tail(text: str) -> str:
@@ -284,7 +322,7 @@ def _tail(text: str) -> str:
 
 
 def run_entry(case: Case, model: Path, data: CaseData, entry: GridEntry, cfg: HarnessConfig, env: dict,
-              case_dir: Path, layers) -> dict:
+              case_dir: Path, layers, cache: HessianCache | None = None) -> dict:
     """Quantize, evaluate and compare one grid entry; the record says how it went."""
     record = base_record(case, "run", cfg, env, data)
     method, order = METHODS[entry.method]
@@ -299,7 +337,8 @@ def run_entry(case: Case, model: Path, data: CaseData, entry: GridEntry, cfg: Ha
     report_path = case_dir / "reports" / f"{entry.run_id}.report.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = quantize_command(cfg, model, data, entry, output, report_path)
+    hessian_args = cache.args() if cache else ()
+    cmd = quantize_command(cfg, model, data, entry, output, report_path, hessian_args)
     record["command"] = shlex.join(cmd)
     start = time.perf_counter()
     try:
@@ -308,14 +347,23 @@ def run_entry(case: Case, model: Path, data: CaseData, entry: GridEntry, cfg: Ha
         record.update(status="timeout", reason=f"onnxobq quantize ran past --timeout {cfg.timeout:g} s",
                       short_reason=f"> {cfg.timeout:g} s", finished=_now())
         return record
-    record["quant_seconds"] = round(time.perf_counter() - start, 3)
+    record["quant_seconds"] = record["quant_seconds_measured"] = round(time.perf_counter() - start, 3)
     if done.returncode != 0 or not output.is_file() or not report_path.is_file():
         why = _tail(done.stderr) or _tail(done.stdout) or "no output model"
         record.update(status="failed", reason=f"onnxobq quantize exit status {done.returncode}: {why}",
                       short_reason=f"exit {done.returncode}", finished=_now())
         return record
+    report = json.loads(report_path.read_text())
+    record["capture_seconds"] = report.get("stages_seconds", {}).get("capture")
+    flag = hessian_args[0] if hessian_args else None
+    record["hessians"] = {"--hessians": "loaded", "--save-hessians": "saved"}.get(flag, "captured")
+    if record["hessians"] == "saved":
+        cache.saved(report)
+    elif record["hessians"] == "loaded":
+        record["capture_seconds"] = cache.capture_seconds()
+        record["quant_seconds"] = round(record["quant_seconds_measured"] + record["capture_seconds"], 3)
     try:
-        record.update(measure(case, model, output, data, json.loads(report_path.read_text())))
+        record.update(measure(case, model, output, data, report))
     except Exception as exc:  # a model that does not run is a result too; keep going with the grid
         record.update(status="failed", reason=f"measuring failed: {type(exc).__name__}: {exc}",
                       short_reason="measuring failed")
@@ -407,6 +455,9 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
     model = case.model_path()
     start = time.perf_counter()
     data, reused = case_data(case, case_dir / "data", cfg.seed, cfg.quick)
+    cache = HessianCache(case_dir / "data" / "hessians.npz") if cfg.reuse_hessians else None
+    if cache and not reused:
+        cache.clear()
     log(f"{case.name}: data {'reused' if reused else 'ready'} in {time.perf_counter() - start:.1f} s "
         f"(seed {cfg.seed}{', quick' if cfg.quick else ''})")
     fp32 = evaluate_fp32(case, model, data, cfg, env, case_dir)
@@ -422,7 +473,7 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
         if layers is None and METHODS[entry.method][0] == "obq":
             from onnxobq.pipeline import inspect_model
             layers = inspect_model(str(model)).layers
-        record = run_entry(case, model, data, entry, cfg, env, case_dir, layers)
+        record = run_entry(case, model, data, entry, cfg, env, case_dir, layers, cache)
         write_json(record, path)
         records.append(record)
         log(f"{case.name} {entry.run_id}: {summary(record)}")

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-models", action="store_true", help="keep the quantized models under OUT/CASE/models")
     p.add_argument("--onnxobq", help="command that runs onnxobq (default: the onnxobq beside this Python)")
     p.add_argument("--quantize-args", default="", help="more onnxobq quantize options for every run, e.g. '--device cpu'")
+    p.add_argument("--capture-each", action="store_true",
+                   help="capture the Hessians in every run (default: once per case, then reuse them)")
     p.add_argument("--plots", action="store_true", help="also draw the plots (needs matplotlib)")
     return p.parse_args(argv)
 
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     cfg = HarnessConfig(seed=args.seed, quick=args.quick, obq_max_macs=args.obq_max_macs, timeout=args.timeout,
                         keep_models=args.keep_models,
                         cli=tuple(shlex.split(args.onnxobq)) if args.onnxobq else default_cli(),
-                        extra_args=tuple(shlex.split(args.quantize_args)))
+                        extra_args=tuple(shlex.split(args.quantize_args)), reuse_hessians=not args.capture_each)
     entries = make_grid(methods, bits, bns)
     status = 0
     for name in names:

@@ -23,6 +23,7 @@ RUN_OK = {
     "report_seconds": NUMBER, "stages_seconds": dict, "peak_rss_mb": NUMBER, "layers": list,
     "layers_skipped": list, "bn_report": dict, "eval_seconds": NUMBER, "compare_seconds": NUMBER,
     "device": str, "calibration_samples": int, "quantize_settings": dict,
+    "hessians": str, "capture_seconds": NUMBER, "quant_seconds_measured": NUMBER,
 }
 VERSIONS = ("python", "onnxobq", "onnx", "onnxruntime", "numpy")
 MACHINE = ("platform", "machine", "cpu", "cpu_count", "usable_cores")
@@ -73,6 +74,14 @@ def test_records_follow_the_schema(grid_run):
     assert "--no-bn-reestimate" in rtn["command"]
     assert (fastobq["method"], fastobq["order"], fastobq["bn"]) == ("fastobq", "sensi_des", True)
     assert "--order sensi_des" in fastobq["command"] and "--no-bn-reestimate" not in fastobq["command"]
+    # The first run saves the case's Hessians, later ones load them and count the saving run's capture.
+    hessians = str(out / "synthetic" / "data" / "hessians.npz")
+    assert (rtn["hessians"], fastobq["hessians"]) == ("saved", "loaded")
+    assert f"--save-hessians {hessians}" in rtn["command"] and f"--hessians {hessians}" in fastobq["command"]
+    assert rtn["capture_seconds"] == rtn["stages_seconds"]["capture"] == fastobq["capture_seconds"]
+    assert "capture" not in fastobq["stages_seconds"]
+    assert rtn["quant_seconds"] == rtn["quant_seconds_measured"]
+    assert fastobq["quant_seconds"] == round(fastobq["quant_seconds_measured"] + rtn["capture_seconds"], 3)
     assert obq["command"] is None and "--obq-max-macs 1.0e+03" in obq["reason"]
     # sum of R * C^3: conv1 16 * 72^3 + conv2 16 * 16^3 + fc 10 * 16^3 = 6,078,464
     assert obq["short_reason"] == "6.1e+06 MACs > 1e+03" and "6.1e+06 multiply-adds" in obq["reason"]

@@ -1,0 +1,113 @@
+"""Save captured Hessians to a file and load them back, to skip the capture.
+
+The Hessians depend only on the float model and the calibration data, not on the
+bit width, the method or the grid, so one capture can serve a whole sweep of
+settings (``--save-hessians`` once, then ``--hessians``). The file is an ``.npz``:
+one array per Hessian and its row count, and a JSON header with the model's
+digest and the calibration settings, which are checked on loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+import onnx
+
+from .backend import to_numpy
+from .calibration import CalibConfig
+from .capture import Captured
+from .errors import UserError
+from .graph.layers import Layer
+
+FORMAT = "onnxobq-hessians/1"
+
+
+def model_digest(path: str) -> str:
+    """sha256 of the model file and of the external data files it names."""
+    h = hashlib.sha256()
+    files = [path]
+    base = os.path.dirname(os.path.abspath(path))
+    model = onnx.load(path, load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and os.path.join(base, loc) not in files:
+                files.append(os.path.join(base, loc))
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def calib_description(calib: CalibConfig) -> dict:
+    """The calibration settings as JSON-able values, with a file or folder source made absolute."""
+    d = dataclasses.asdict(calib)
+    if d["source"] != "random":
+        d["source"] = os.path.abspath(d["source"])
+    return json.loads(json.dumps(d))   # tuples become lists, as they will be after loading
+
+
+def save(path: str, captured: Captured, layers: list[Layer], model_path: str, calib: CalibConfig) -> None:
+    """Write every layer's Hessian to ``path`` (.npz), atomically."""
+    keys = list(dict.fromkeys(layer.hessian_key for layer in layers))
+    header = {"format": FORMAT, "model": os.path.basename(model_path), "model_sha256": model_digest(model_path),
+              "calib": calib_description(calib), "samples": captured.samples,
+              "keys": [repr(k) for k in keys]}
+    arrays = {"header": np.array(json.dumps(header))}
+    for i, key in enumerate(keys):
+        arrays[f"h{i}"] = to_numpy(captured.hessians[key])
+        arrays[f"rows{i}"] = np.array(captured.rows[key], dtype=np.int64)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | None, xp) -> Captured:
+    """Read the Hessians of ``layers`` from a file written by :func:`save`.
+
+    Raises:
+        UserError: the file is missing or not a Hessian file, or it was captured from
+            another model, other calibration settings or fewer layers.
+    """
+    again = "capture them again with --save-hessians"
+    if not os.path.isfile(path):
+        raise UserError(f"--hessians {path}: no such file; give a file written by --save-hessians")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(str(npz["header"]))
+            if header.get("format") != FORMAT:
+                raise ValueError(header.get("format"))
+            arrays = dict(npz)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        raise UserError(f"--hessians {path}: not a Hessian file of this onnxobq version; {again}") from None
+    if header["model_sha256"] != model_digest(model_path):
+        raise UserError(f"--hessians {path}: captured from another model ({header['model']}), "
+                        f"not {model_path}; {again}")
+    if calib is not None and calib_description(calib) != header["calib"]:
+        raise UserError(f"--hessians {path}: captured with other calibration settings "
+                        f"(--calib {header['calib']['source']}, {header['samples']} samples); "
+                        f"give the same --calib options, or {again}")
+    index = {k: i for i, k in enumerate(header["keys"])}
+    hessians, rows = {}, {}
+    for layer in layers:
+        key = layer.hessian_key
+        i = index.get(repr(key))
+        if i is None:
+            raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
+                            f"(saved with other --exclude patterns?); {again}")
+        if key not in hessians:
+            hessians[key] = xp.asarray(arrays[f"h{i}"])
+            rows[key] = int(arrays[f"rows{i}"])
+    return Captured(hessians, rows, header["samples"])
