@@ -69,8 +69,11 @@ def test_capture_hessians_match(cp, tmp_path):
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=4)
     ref = capture_hessians(model, layers, calib, np).hessians
     got = capture_hessians(model, layers, calib, cp).hessians
+    got32 = capture_hessians(model, layers, calib, cp, sum_dtype="float32").hessians   # what --device cuda uses
     for key in ref:
         np.testing.assert_allclose(to_numpy(got[key]), ref[key], rtol=1e-4, atol=1e-5)
+        assert got32[key].dtype == cp.float32
+        np.testing.assert_allclose(to_numpy(got32[key]), ref[key], rtol=1e-4, atol=1e-5)
 
 
 def test_cli_cuda_matches_cpu(cp, tmp_path, capsys):
@@ -123,3 +126,38 @@ def test_cholesky_reports_failure_on_gpu(cp, C):
         L, ok = cholesky(xp.asarray(A), xp)
         assert to_numpy(ok).tolist() == [True, False, True]
         np.testing.assert_allclose(to_numpy(L)[0] @ to_numpy(L)[0].T, good, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("C", [40, 65, 300, 1500])
+def test_cholesky_failure_at_any_pivot_is_reported(cp, dtype, C):
+    """The O(C^2) check catches a factorisation that breaks down at the first, a middle
+    or the last pivot (where cuSOLVER leaves a partial factor and raises nothing)."""
+    from onnxobq.solvers.common import cholesky
+
+    r = np.random.default_rng(C)
+    F = np.tril(r.standard_normal((C, C))) / np.sqrt(C) + np.eye(C)
+    A = F @ F.T
+    stack = [A]
+    for k in (0, C // 2, C - 1):
+        bad = A.copy()
+        bad[k, k] = (F[k, :k] ** 2).sum() - 0.5     # the k-th pivot becomes -0.5
+        stack.append(bad)
+    stack.append(A)
+    for xp in (np, cp):
+        L, ok = cholesky(xp.asarray(np.stack(stack), dtype=dtype), xp)
+        assert to_numpy(ok).tolist() == [True, False, False, False, True], (xp.__name__, dtype, C)
+        np.testing.assert_allclose(to_numpy(L)[0], F, atol=1e-3 if dtype == "float32" else 1e-9)
+
+
+def test_inverse_factors_match_numpy(cp):
+    from onnxobq.solvers.common import cholesky, inverse_diagonal, upper_inverse_factor
+
+    for C in (30, 300):
+        r = np.random.default_rng(C)
+        X = r.standard_normal((2, C, 3 * C))
+        A = X @ X.transpose(0, 2, 1) / C + 0.1 * np.eye(C)
+        U, ok = upper_inverse_factor(cp.asarray(A), cp)
+        np.testing.assert_allclose(to_numpy(U), upper_inverse_factor(A, np)[0], rtol=1e-7, atol=1e-9)
+        d = inverse_diagonal(cholesky(cp.asarray(A), cp)[0], cp)
+        np.testing.assert_allclose(to_numpy(d), inverse_diagonal(cholesky(A, np)[0], np), rtol=1e-9)

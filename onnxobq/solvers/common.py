@@ -82,9 +82,10 @@ def cholesky(A, xp):
     diag = xp.diagonal(L, axis1=-2, axis2=-1)
     ok = xp.isfinite(L).all(axis=(-2, -1)) & (diag > 0).all(axis=-1)
     if xp is not np:
-        # CuPy does not raise by default: a failed factor is partial, so also check L L^T = A.
-        tol = (1e-2 if A.dtype == xp.float32 else 1e-6) * xp.abs(A).max(axis=(-2, -1))
-        resid = xp.abs(L @ xp.swapaxes(L, -1, -2) - A).max(axis=(-2, -1))
+        # CuPy does not raise: a failed factor is partial, its unfinished rows still hold
+        # (updated) entries of A. Those rows break diag(L L^T) = diag(A), an O(C^2) check.
+        tol = (1e-3 if A.dtype == xp.float32 else 1e-9) * xp.abs(A).max(axis=(-2, -1))
+        resid = xp.abs((L * L).sum(axis=-1) - xp.diagonal(A, axis1=-2, axis2=-1)).max(axis=-1)
         ok &= xp.nan_to_num(resid, nan=xp.inf) <= tol
     L = xp.where(ok[:, None, None], L, eye_like(A, xp))
     return L, ok
@@ -104,8 +105,17 @@ def _numpy_cholesky(A):
         return L
 
 
-def inverse_hessian(H, damp: Damping, xp):
-    """Damp H and invert it through its Cholesky factor, raising damping where needed.
+def lower_inverse(L, xp):
+    """Inverses of a stack of lower triangular matrices (G, C, C): triangular solves on CuPy."""
+    if xp is np or L.shape[-1] <= BATCHED_MAX_DIM:
+        return xp.tril(xp.linalg.inv(L))
+    from cupyx.scipy.linalg import solve_triangular
+    eye = xp.eye(L.shape[-1], dtype=L.dtype)
+    return xp.stack([solve_triangular(l, eye, lower=True) for l in L])
+
+
+def damped_cholesky(H, damp: Damping, xp):
+    """Damp H and factor it, raising damping where the factorisation fails.
 
     Args:
         H: Hessians (G, C, C), dead columns already fixed.
@@ -113,31 +123,68 @@ def inverse_hessian(H, damp: Damping, xp):
         xp: numpy or cupy.
 
     Returns:
-        (Hinv, lam, ok): the inverses (G, C, C) (identity where every try failed),
-        the damping value used per group (G,) and success per group (G,).
+        (L, lam, ok): the lower Cholesky factors of H + lam I (G, C, C) (identity where
+        every try failed), the damping value used per group (G,) and success per group (G,).
     """
     G, C, _ = H.shape
     idx = xp.arange(C)
     diag = H[:, idx, idx]
     base = damp.value * diag.mean(axis=-1) if damp.relative else xp.full((G,), damp.value, dtype=H.dtype)
-    Hinv = eye_like(H, xp)
+    L = eye_like(H, xp)
     lam = xp.full((G,), xp.nan, dtype=H.dtype)
     ok = xp.zeros((G,), dtype=bool)
     for attempt in range(damp.retries + 1):
         step = base * 10.0 ** attempt
-        Hd = H.copy()
-        Hd[:, idx, idx] += step[:, None]
-        L, good = cholesky(Hd, xp)
-        Linv = _each_matrix(xp.linalg.inv, L, xp)
-        inv = xp.swapaxes(Linv, -1, -2) @ Linv           # H^-1 = L^-T L^-1
-        good &= xp.isfinite(inv).all(axis=(-2, -1))
-        new = good & ~ok
-        Hinv = xp.where(new[:, None, None], inv, Hinv)
-        lam = xp.where(new, step, lam)
+        new, good = cholesky(damped(H, step, xp), xp)
+        good &= ~ok
+        L = xp.where(good[:, None, None], new, L)
+        lam = xp.where(good, step, lam)
         ok |= good
         if bool(ok.all()):
             break
+    return L, lam, ok
+
+
+def damped(H, lam, xp):
+    """H + lam I for a stack (G, C, C) and one lam per group (G,); NaN lam leaves H as it is."""
+    C = H.shape[-1]
+    idx = xp.arange(C)
+    Hd = H.copy()
+    Hd[:, idx, idx] += xp.nan_to_num(lam)[:, None]
+    return Hd
+
+
+def inverse_hessian(H, damp: Damping, xp):
+    """Damp H and invert it through its Cholesky factor, raising damping where needed.
+
+    Returns:
+        (Hinv, lam, ok) as :func:`damped_cholesky` (identity where every try failed).
+    """
+    L, lam, ok = damped_cholesky(H, damp, xp)
+    Linv = lower_inverse(L, xp)
+    Hinv = xp.swapaxes(Linv, -1, -2) @ Linv           # H^-1 = L^-T L^-1
     return Hinv, lam, ok
+
+
+def inverse_diagonal(L, xp):
+    """diag(A^-1) (G, C) of matrices given by their lower Cholesky factors L:
+    A^-1 = L^-T L^-1, so its j-th diagonal entry is the squared norm of column j of L^-1."""
+    Linv = lower_inverse(L, xp)
+    return (Linv * Linv).sum(axis=-2)
+
+
+def upper_inverse_factor(A, xp):
+    """The upper triangular U with U^T U = A^-1, without forming A^-1.
+
+    With J the reversal permutation and J A J = M M^T (Cholesky), A = (J M J)(J M J)^T,
+    so A^-1 = U^T U for U = (J M J)^-1 = J M^-1 J: one factorisation and one
+    triangular inverse, against GPTQ's inverse followed by a second factorisation.
+
+    Returns:
+        (U, ok): U (G, C, C), the identity where the factorisation failed; ok (G,).
+    """
+    M, ok = cholesky(xp.ascontiguousarray(A[:, ::-1, ::-1]), xp)
+    return xp.ascontiguousarray(lower_inverse(M, xp)[:, ::-1, ::-1]), ok
 
 
 def fix_dead_columns(H, xp):

@@ -30,6 +30,11 @@ SCORES = {"sensi": _sensi, "err": _err, "w": _w}
 ORDERS = tuple([f"{k}_{d}" for k in SCORES for d in ("des", "asc")] + ["act", "none"])
 
 
+def uses_inverse_diagonal(name: str) -> bool:
+    """Whether an order's score needs diag(H^-1) (the others do not pay for it)."""
+    return name.startswith("sensi")
+
+
 def argsort_stable(a, xp):
     """Stable argsort on the last axis (ties keep their natural order on both backends)."""
     if xp is np:
@@ -43,7 +48,8 @@ def column_order(name: str, W, Wq, hinv_diag, h_diag, xp):
     Args:
         name: one of ORDERS.
         W: weights (G, R, C); Wq: their round-to-nearest values (G, R, C).
-        hinv_diag: diag of the damped inverse Hessian (G, C); h_diag: diag of H (G, C).
+        hinv_diag: diag of the damped inverse Hessian (G, C), or None where the
+            order does not use it (see uses_inverse_diagonal); h_diag: diag of H (G, C).
         xp: numpy or cupy.
 
     Returns:

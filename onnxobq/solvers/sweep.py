@@ -10,6 +10,10 @@ instead of recomputing them (GPTQ's form):
     err      = (w[:, k] - q[:, k]) / U[k, k]
     W[:, k:] -= err (x) U[k, k:]                    (Eqn. 12 with Eqn. 13 folded in)
 
+U comes from one Cholesky factorisation of the permuted, damped H and a triangular
+inverse (``common.upper_inverse_factor``); H^-1 itself is never formed. The sensitivity
+order needs only diag(H^-1), which the triangular inverse of H's own factor gives.
+
 Within a block of B columns the updates are applied column by column; the
 columns after the block receive them in one matrix product per block ("lazy
 batch updates"). GPTQ is the same sweep in the natural order (or act-order).
@@ -23,9 +27,9 @@ import numpy as np
 from ..backend import is_cupy, to_numpy
 from . import cuda_sweep
 from ..quant import quantize, dequantize
-from .common import (Damping, Result, cholesky, eye_like, fix_dead_columns,
-                     inverse_hessian, permute_columns, permute_square)
-from .orders import argsort_stable, column_order
+from .common import (Damping, Result, damped, damped_cholesky, eye_like, fix_dead_columns,
+                     inverse_diagonal, permute_columns, permute_square, upper_inverse_factor)
+from .orders import argsort_stable, column_order, uses_inverse_diagonal
 from .registry import register
 
 
@@ -88,16 +92,17 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
         with U = I the sweep makes no updates, which is exactly RTN.
     """
     H = fix_dead_columns(H, xp)
-    Hinv, lam, ok = inverse_hessian(H, damp, xp)
+    L, lam, ok = damped_cholesky(H, damp, xp)
     s, z = grid.scale[:, :, None], grid.zero[:, :, None]
     Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
     C = H.shape[-1]
     idx = xp.arange(C)
-    perm = column_order(order, W, Wq, Hinv[:, idx, idx], H[:, idx, idx], xp)
+    hinv_diag = inverse_diagonal(L, xp) if uses_inverse_diagonal(order) else None
+    perm = column_order(order, W, Wq, hinv_diag, H[:, idx, idx], xp)
     perm = xp.where(ok[:, None], perm, idx[None, :])
-    L, ok_u = cholesky(permute_square(Hinv, perm, xp), xp)
+    U, ok_u = upper_inverse_factor(permute_square(damped(H, lam, xp), perm, xp), xp)
     ok &= ok_u
-    U = xp.where(ok[:, None, None], xp.swapaxes(L, -1, -2), eye_like(H, xp))
+    U = xp.where(ok[:, None, None], U, eye_like(H, xp))
     sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, block, xp) else blocked_sweep
     codes = sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero, grid.qmin, grid.qmax, block, xp)
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation

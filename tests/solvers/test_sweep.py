@@ -115,3 +115,19 @@ def test_absolute_damping_matches_direct_loop():
     rel = lam / np.mean(np.diag(H[0]))   # the reference takes a relative damping
     ref = direct_sweep(W[0], H[0], grid.scale[0], grid.zero[0], grid.qmin, grid.qmax, "sensi_des", damp=rel)
     np.testing.assert_allclose(res.Q[0], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [5, 70, 130])
+def test_inverse_factors_match_the_explicit_inverse(C):
+    """U from the reversed Cholesky is GPTQ's upper factor of A^-1, and the diagonal of A^-1 is right."""
+    from onnxobq.solvers.common import cholesky, inverse_diagonal, upper_inverse_factor
+
+    r = np.random.default_rng(C)
+    X = r.standard_normal((2, C, 3 * C))
+    A = X @ X.transpose(0, 2, 1) / C + 0.1 * np.eye(C)
+    inv = np.linalg.inv(A)
+    U, ok = upper_inverse_factor(A, np)
+    assert ok.all() and np.array_equal(U, np.triu(U))
+    np.testing.assert_allclose(U, np.swapaxes(np.linalg.cholesky(inv), -1, -2), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(inverse_diagonal(cholesky(A, np)[0], np), np.diagonal(inv, axis1=1, axis2=2),
+                               rtol=1e-10)
