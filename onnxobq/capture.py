@@ -194,19 +194,20 @@ class HessianSum:
 
     sum: object = None
     count: int = 0
+    dtype: str = "float64"
 
     def add(self, P, xp) -> None:
         """Add one batch given as P = X^T of each group (G, C, M)."""
         with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs are reported by the solve stage
             part = P @ xp.swapaxes(P, 1, 2)
             if self.sum is None:
-                self.sum = part.astype(xp.float64)
+                self.sum = part.astype(self.dtype)
             else:
                 xp.add(self.sum, part, out=self.sum)   # in place: no float64 copy per batch
         self.count += P.shape[2]
 
     def hessian(self, xp):
-        """H = 2 X X^T / N, in float64. Scales the running sum in place and hands it over."""
+        """H = 2 X X^T / N, in the sum's dtype. Scales the running sum in place and hands it over."""
         H, self.sum = self.sum, None
         H *= 2.0 / max(self.count, 1)
         return H
@@ -226,7 +227,7 @@ class Captured:
     """Every layer's Hessian, by Layer.hessian_key.
 
     Attributes:
-        hessians: H = 2XX^T/N, (G, C, C) float64 on the array module used.
+        hessians: H = 2XX^T/N, (G, C, C) on the array module used, in the dtype of the sums.
         rows: N, the rows of X behind each Hessian (samples times output positions).
         samples: calibration samples read.
     """
@@ -292,7 +293,7 @@ def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str
 
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
-                     pipeline_depth: int = 1) -> Captured:
+                     pipeline_depth: int = 1, sum_dtype: str = "float64") -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
     Args:
@@ -304,9 +305,12 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         on_batch: called with the number of samples after each batch (progress bars).
         pipeline_depth: batches run ahead by onnxruntime in a background thread while
             the Hessians of earlier ones accumulate (0: no overlap).
+        sum_dtype: dtype of the running sums and of the Hessians: float64, or float32 where
+            the solve runs in float32 anyway (a GPU), which halves their memory. Each batch's
+            product is float32 either way.
 
     Returns:
-        Captured: the Hessians (float64 on ``xp``) and their row counts by hessian_key.
+        Captured: the Hessians (on ``xp``, in ``sum_dtype``) and their row counts by hessian_key.
     """
     inputs = model_inputs(model)
     first = {}
@@ -315,7 +319,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     dtypes = layer_input_outputs(model, list(first.values()))
     sess = session(model, dtypes, device)
     names = list(dtypes)
-    sums = {key: HessianSum() for key in first}
+    sums = {key: HessianSum(dtype=sum_dtype) for key in first}
     samples = 0
 
     def forward():

@@ -19,7 +19,7 @@ from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_layers, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
-from .solve import solve_layer
+from .solve import solve_layer, working_dtype
 from .solvers import METHODS
 
 
@@ -49,7 +49,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     elif cfg.calib is not None:
         with _stage(stages, "capture"):
             progress.start("calibration", _planned(cfg, model))
-            captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance)
+            captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
+                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name)
             progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):

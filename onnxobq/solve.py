@@ -95,7 +95,7 @@ def solve_layer(layer: Layer, w: np.ndarray, H, cfg: SolveConfig, xp,
     Args:
         layer: the layer.
         w: its stored float weight (NumPy).
-        H: its Hessian (G, C, C) on ``xp`` (float64), or None when there is no calibration data.
+        H: its Hessian (G, C, C) on ``xp``, or None when there is no calibration data.
         cfg: solver settings.
         xp: numpy or cupy.
         rows: how many rows of X (samples times output positions) built H, for the report.
