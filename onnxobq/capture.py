@@ -8,10 +8,12 @@ Layers that read the same tensor with the same geometry share one Hessian.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -230,11 +232,15 @@ class Captured:
         hessians: H = 2XX^T/N, (G, C, C) on the array module used, in the dtype of the sums.
         rows: N, the rows of X behind each Hessian (samples times output positions).
         samples: calibration samples read.
+        waited: seconds the accumulation spent waiting for onnxruntime's forward passes
+            (None where nothing was captured). Near the capture's time: onnxruntime bounds
+            it; near zero: the Hessian products do.
     """
 
     hessians: dict
     rows: dict
     samples: int
+    waited: float | None = None
 
 
 def prefetch(items: Iterable, depth: int = 1) -> Iterator:
@@ -327,15 +333,23 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             acts = run(sess, names, feed) if names else {}
             yield feed, {**acts, **feed}
 
-    for feed, acts in prefetch(forward(), pipeline_depth):
-        for key, layer in first.items():
-            accumulate(layer, acts[layer.input], sums[key], xp)
-        n = next(iter(feed.values())).shape[0]
-        samples += n
-        if on_batch:
-            on_batch(n)
+    waited = 0.0
+    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items:
+        while True:
+            start = time.perf_counter()
+            item = next(items, None)
+            waited += time.perf_counter() - start
+            if item is None:
+                break
+            feed, acts = item
+            for key, layer in first.items():
+                accumulate(layer, acts[layer.input], sums[key], xp)
+            n = next(iter(feed.values())).shape[0]
+            samples += n
+            if on_batch:
+                on_batch(n)
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
     return Captured({key: s.hessian(xp) for key, s in sums.items()},
-                    {key: s.count for key, s in sums.items()}, samples)
+                    {key: s.count for key, s in sums.items()}, samples, waited)

@@ -77,7 +77,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        stages=stages, samples=samples, device=device_name(xp),
                        storage=_storage(cfg, opset),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
-                       bn=_bn_summary(outcome, cfg), outputs=written)
+                       bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited)
     if cfg.report:
         write_json(report, cfg.report)
     return report

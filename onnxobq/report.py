@@ -28,6 +28,7 @@ class RunReport:
     peak_gpu_mb: float | None = None
     bn: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    capture_waited: float | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -38,6 +39,7 @@ class RunReport:
             "storage": self.storage,
             "stages_seconds": {k: round(v, 4) for k, v in self.stages.items()},
             "total_seconds": round(sum(self.stages.values()), 4),
+            "capture_waited_seconds": None if self.capture_waited is None else round(self.capture_waited, 4),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
             "bn": self.bn,
@@ -107,7 +109,9 @@ def summary_lines(report: RunReport) -> list[str]:
         out.append(f"skipped: {k.name} ({k.op}): {k.reason}")
     out.extend(bn_lines(report.bn))
     out.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.stages.items()) +
-               f"; total {sum(report.stages.values()):.2f}s")
+               f"; total {sum(report.stages.values()):.2f}s" +
+               ("" if report.capture_waited is None else
+                f" (the capture waited {report.capture_waited:.2f}s for onnxruntime's forward passes)"))
     mem = f"peak memory: {report.peak_rss_mb:.0f} MB host"
     if report.peak_gpu_mb is not None:
         mem += f", {report.peak_gpu_mb:.0f} MB GPU"

@@ -9,12 +9,12 @@ shapes. Every timing is the best of ``--repeat`` after one warm-up run of the sh
 
 Nominal work, for the effective GFLOP/s column (flops = 2 x multiply-adds):
 
-* fastobq, gptq: (4/3) C^3 (two Cholesky factorisations, a triangular inverse and
-  a product) + R C^2 (the sweep);
+* fastobq: (4/3) C^3 (two Cholesky factorisations and two triangular inverses) + R C^2
+  (the sweep); gptq: (2/3) C^3 + R C^2 (it needs no diag(H^-1));
 * obq: (4/3) C^3 + (2/3) R C^3 (each row downdates its own C x C inverse C times).
 
-Exact OBQ processes rows in batches (``onnxobq.solvers.obq.ROW_BATCH_BYTES`` of
-inverse-Hessian copies at a time). Here it solves whole batches holding at least
+Exact OBQ processes rows in batches (``onnxobq.solvers.obq.row_batch``: as many
+inverse-Hessian copies as ``ROW_BATCH_BYTES`` holds). Here it solves whole batches holding at least
 ``--obq-rows`` rows of each problem, and its time is scaled by the number of batches
 the full problem needs (rows are independent, and batches run one after another).
 Lines so extrapolated are marked ``*``.
@@ -56,16 +56,18 @@ def nominal_flops(method: str, G: int, R: int, C: int) -> float:
         return base + G * (2 / 3) * R * C ** 3
     if method == "rtn":
         return 0.0
+    if method == "gptq":
+        base /= 2
     return base + G * R * C ** 2
 
 
-def obq_sample_rows(R: int, C: int, itemsize: int, want: int) -> int:
+def obq_sample_rows(R: int, C: int, itemsize: int, want: int, xp) -> int:
     """Rows of a problem that exact OBQ solves for timing: whole row batches of the
-    solver (``obq.ROW_BATCH_BYTES``), at least ``want`` rows, at most R."""
+    solver (``obq.row_batch``), at least ``want`` rows, at most R."""
     import math
-    from onnxobq.solvers.obq import ROW_BATCH_BYTES
+    from onnxobq.solvers.obq import row_batch
 
-    batch = max(1, ROW_BATCH_BYTES // (C * C * itemsize))
+    batch = row_batch(R, C, itemsize, xp)
     return min(R, batch * math.ceil(want / batch))
 
 
@@ -79,13 +81,13 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
     from onnxobq.backend import synchronize
     from onnxobq.quant import GridSpec, fit_grid
     from onnxobq.solvers import METHODS
-    from onnxobq.solvers.obq import ROW_BATCH_BYTES
+    from onnxobq.solvers.obq import row_batch
 
     G, R, C = W.shape
     rows, factor = R, 1.0
     if method == "obq":
-        rows = obq_sample_rows(R, C, W.dtype.itemsize, obq_rows)
-        batch = max(1, ROW_BATCH_BYTES // (C * C * W.dtype.itemsize))
+        rows = obq_sample_rows(R, C, W.dtype.itemsize, obq_rows, xp)
+        batch = row_batch(R, C, W.dtype.itemsize, xp)
         factor = math.ceil(R / batch) / math.ceil(rows / batch)
         W = W[:, :rows].copy()
     grid = fit_grid(W, GridSpec(bits=4), xp)
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("float32", "float64"), default=None,
                    help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--obq-rows", type=int, default=8, help="rows exact OBQ solves before scaling (default 8)")
+    p.add_argument("--obq-rows", type=int, default=32, help="rows exact OBQ solves before scaling (default 32)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 

@@ -130,6 +130,27 @@ def test_pipelined_capture_gives_the_plain_hessians(tmp_path):
         np.testing.assert_array_equal(piped.hessians[key], H)
 
 
+def test_capture_counts_the_time_it_waits_for_the_forward_passes(tmp_path, monkeypatch):
+    """With onnxruntime made slow (0.1 s a batch), the accumulation waits at least the whole first
+    forward pass (nothing runs before it), and never longer than the capture took."""
+    import onnxobq.capture as capture
+
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    np.savez(tmp_path / "c.npz", x=np.ones((10, 3, 12, 12), np.float32))
+    real_run = capture.run
+
+    def slow_run(*args):
+        time.sleep(0.1)
+        return real_run(*args)
+
+    monkeypatch.setattr(capture, "run", slow_run)
+    start = time.perf_counter()
+    got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+    total = time.perf_counter() - start
+    assert 0.1 <= got.waited <= total
+
+
 def test_prefetch_runs_at_most_depth_ahead_and_reraises():
     from onnxobq.capture import prefetch
 

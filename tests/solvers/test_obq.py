@@ -36,7 +36,7 @@ def direct_obq_row(w, H, scale, zero, qmin, qmax, damp=0.01, off_grid_rule=True)
 @pytest.mark.parametrize("seed", range(4))
 def test_obq_equals_a_direct_loop(seed, monkeypatch):
     from onnxobq.solvers import obq
-    monkeypatch.setattr(obq, "ROW_BATCH_BYTES", 3 * 14 * 14 * 8)   # batches of 3 rows
+    monkeypatch.setitem(obq.ROW_BATCH_BYTES, "cpu", 3 * 14 * 14 * 8)   # batches of 3 rows
     W, H = problem(seed, G=2, R=7, C=14, N=200)
     H[0, 5, :] = H[0, :, 5] = 0                                     # a dead input
     grid = fit_grid(W, GridSpec(bits=3))
