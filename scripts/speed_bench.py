@@ -184,7 +184,9 @@ def main(argv=None) -> int:
                 rec = quantize(model, args.out, f"{name}_{method}_{device}", method, device, args)
                 runs[(method, device)] = rec
                 print(f"{name} {method} {device}: {rec['status']} "
-                      + (f"total {rec['total_seconds']:.2f}s stages {rec['stages_seconds']}"
+                      + (f"total {rec['total_seconds']:.2f}s stages {rec['stages_seconds']} "
+                         f"capture waited for onnxruntime {rec.get('capture_waited_seconds')}s "
+                         f"GPU pool {rec.get('peak_gpu_mb')} MB"
                          if rec["status"] == "ok" else str(rec["error"])), flush=True)
         fwd = forward_seconds(model, args.samples, args.batch_size, True)
         plain = forward_seconds(model, args.samples, args.batch_size, False)
