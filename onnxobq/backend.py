@@ -57,6 +57,35 @@ def synchronize(xp) -> None:
         xp.cuda.Stream.null.synchronize()
 
 
+class Uploader:
+    """Copies host arrays to the array module's device.
+
+    On CuPy every copy goes through one reusable page-locked (pinned) host buffer,
+    grown to the largest array seen: on the H100 machine an upload from ordinary
+    pageable memory ran at about 4 GB/s, from pinned memory about ten times faster.
+    The copy is synchronous, so the buffer is free again when a call returns. On
+    NumPy it only converts the dtype (no copy when there is nothing to convert).
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._buffer = None
+
+    def __call__(self, a: np.ndarray, dtype) -> object:
+        dtype = np.dtype(dtype)
+        if not is_cupy(self.xp):
+            return np.ascontiguousarray(a, dtype=dtype)
+        nbytes = a.size * dtype.itemsize
+        if self._buffer is None or self._buffer.size() < nbytes:
+            self._buffer = None                      # free the old one first
+            self._buffer = self.xp.cuda.alloc_pinned_memory(max(nbytes, 1))
+        stage = np.frombuffer(self._buffer, dtype, a.size).reshape(a.shape)
+        np.copyto(stage, a, casting="same_kind")
+        out = self.xp.empty(a.shape, dtype=dtype)
+        out.set(stage)                               # synchronous without a stream
+        return out
+
+
 def to_numpy(a) -> np.ndarray:
     """Bring an array from either module back to the host as a NumPy array."""
     if isinstance(a, np.ndarray):

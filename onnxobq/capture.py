@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .backend import Uploader
 from .calibration import CalibConfig, InputSpec, batches
 from .errors import UserError
 from .graph.io import serialized
@@ -215,13 +216,13 @@ class HessianSum:
         return H
 
 
-def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp) -> None:
-    """Unfold one batch of a layer's input and add it to ``acc``, a few samples at a time."""
+def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploader | None = None) -> None:
+    """Upload one batch of a layer's input, unfold it and add it to ``acc``, a few samples at a time."""
+    a = (upload or Uploader(xp))(a, np.float32)
     per_sample = max(1, a[:1].size * (math.prod(layer.conv.kernel) if layer.conv else 1))
     step = max(1, UNFOLD_ELEMENTS // per_sample) if layer.op != "Gemm" else a.shape[0]
     for start in range(0, a.shape[0], step):
-        part = xp.asarray(np.ascontiguousarray(a[start:start + step]), dtype=xp.float32)
-        acc.add(layer_columns(layer, part, xp), xp)
+        acc.add(layer_columns(layer, a[start:start + step], xp), xp)
 
 
 @dataclass
@@ -334,6 +335,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             yield feed, {**acts, **feed}
 
     waited = 0.0
+    upload = Uploader(xp)
     with contextlib.closing(prefetch(forward(), pipeline_depth)) as items:
         while True:
             start = time.perf_counter()
@@ -343,7 +345,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
                 break
             feed, acts = item
             for key, layer in first.items():
-                accumulate(layer, acts[layer.input], sums[key], xp)
+                accumulate(layer, acts[layer.input], sums[key], xp, upload)
             n = next(iter(feed.values())).shape[0]
             samples += n
             if on_batch:

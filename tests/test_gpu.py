@@ -161,3 +161,16 @@ def test_inverse_factors_match_numpy(cp):
         np.testing.assert_allclose(to_numpy(U), upper_inverse_factor(A, np)[0], rtol=1e-7, atol=1e-9)
         d = inverse_diagonal(cholesky(cp.asarray(A), cp)[0], cp)
         np.testing.assert_allclose(to_numpy(d), inverse_diagonal(cholesky(A, np)[0], np), rtol=1e-9)
+
+
+def test_uploader_copies_through_its_pinned_buffer(cp):
+    """Uploads of growing and shrinking sizes (the buffer is reused) arrive intact, cast to the dtype."""
+    from onnxobq.backend import Uploader
+
+    up = Uploader(cp)
+    r = np.random.default_rng(8)
+    for shape in [(4, 3), (64, 32, 7), (2, 5), (1,)]:
+        a = r.standard_normal(shape)
+        got = up(a, np.float32)
+        assert got.dtype == cp.float32 and got.shape == shape
+        np.testing.assert_array_equal(to_numpy(got), a.astype(np.float32))
