@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--cols", default="256,512,1024")
     p.add_argument("--rows", default="256,1024")
     p.add_argument("--resnet50", action="store_true", help="time every ResNet-50 layer shape instead")
+    p.add_argument("--layers", help="with --resnet50: only these comma-separated layers (e.g. n143,n155)")
     p.add_argument("--precision", choices=("float32", "float64"), default=None,
                    help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
     p.add_argument("--repeat", type=int, default=3)
@@ -136,6 +137,9 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     if args.resnet50:
         shapes = resnet50_shapes()
+        if args.layers:
+            wanted = set(args.layers.split(","))
+            shapes = [s for s in shapes if s[0] in wanted]
     else:
         shapes = [(f"R{r}xC{c}", 1, int(r), int(c)) for c in args.cols.split(",") for r in args.rows.split(",")]
     device = args.device
