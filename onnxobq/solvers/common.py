@@ -80,13 +80,17 @@ def cholesky(A, xp):
     else:
         L = _each_matrix(xp.linalg.cholesky, A, xp)
     diag = xp.diagonal(L, axis1=-2, axis2=-1)
-    ok = xp.isfinite(L).all(axis=(-2, -1)) & (diag > 0).all(axis=-1)
-    if xp is not np:
+    if xp is np:
+        ok = np.isfinite(L).all(axis=(-2, -1)) & (diag > 0).all(axis=-1)
+    else:
         # CuPy does not raise: a failed factor is partial, its unfinished rows still hold
-        # (updated) entries of A. Those rows break diag(L L^T) = diag(A), an O(C^2) check.
-        tol = (1e-3 if A.dtype == xp.float32 else 1e-9) * xp.abs(A).max(axis=(-2, -1))
-        resid = xp.abs((L * L).sum(axis=-1) - xp.diagonal(A, axis1=-2, axis2=-1)).max(axis=-1)
-        ok &= xp.nan_to_num(resid, nan=xp.inf) <= tol
+        # (updated) entries of A. Those rows break diag(L L^T) = diag(A), an O(C^2) check
+        # that NaN or Inf anywhere in L fails too. (CuPy's reductions over two axes of a
+        # large matrix are slow, so everything here reduces over one axis.)
+        a_diag = xp.diagonal(A, axis1=-2, axis2=-1)
+        tol = (1e-3 if A.dtype == xp.float32 else 1e-9) * xp.abs(a_diag).max(axis=-1)
+        resid = xp.abs((L * L).sum(axis=-1) - a_diag).max(axis=-1)
+        ok = (diag > 0).all(axis=-1) & (xp.nan_to_num(resid, nan=xp.inf) <= tol)
     L = xp.where(ok[:, None, None], L, eye_like(A, xp))
     return L, ok
 
@@ -126,9 +130,8 @@ def damped_cholesky(H, damp: Damping, xp):
         (L, lam, ok): the lower Cholesky factors of H + lam I (G, C, C) (identity where
         every try failed), the damping value used per group (G,) and success per group (G,).
     """
-    G, C, _ = H.shape
-    idx = xp.arange(C)
-    diag = H[:, idx, idx]
+    G = H.shape[0]
+    diag = xp.diagonal(H, axis1=-2, axis2=-1)
     base = damp.value * diag.mean(axis=-1) if damp.relative else xp.full((G,), damp.value, dtype=H.dtype)
     L = eye_like(H, xp)
     lam = xp.full((G,), xp.nan, dtype=H.dtype)
@@ -147,11 +150,7 @@ def damped_cholesky(H, damp: Damping, xp):
 
 def damped(H, lam, xp):
     """H + lam I for a stack (G, C, C) and one lam per group (G,); NaN lam leaves H as it is."""
-    C = H.shape[-1]
-    idx = xp.arange(C)
-    Hd = H.copy()
-    Hd[:, idx, idx] += xp.nan_to_num(lam)[:, None]
-    return Hd
+    return H + xp.nan_to_num(lam)[:, None, None] * xp.eye(H.shape[-1], dtype=H.dtype)
 
 
 def inverse_hessian(H, damp: Damping, xp):
@@ -199,12 +198,8 @@ def fix_dead_columns(H, xp):
     Returns:
         A new H; the input is not modified.
     """
-    C = H.shape[-1]
-    idx = xp.arange(C)
-    dead = H[:, idx, idx] == 0                              # (G, C)
-    H = H.copy()
-    H[:, idx, idx] = xp.where(dead, 1, H[:, idx, idx])
-    return H
+    dead = xp.diagonal(H, axis1=-2, axis2=-1) == 0                      # (G, C)
+    return H + dead[:, :, None] * xp.eye(H.shape[-1], dtype=H.dtype)   # 0 + 1 on dead diagonals
 
 
 def layer_error(W, Q, H, xp):

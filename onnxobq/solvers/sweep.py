@@ -98,7 +98,7 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     C = H.shape[-1]
     idx = xp.arange(C)
     hinv_diag = inverse_diagonal(L, xp) if uses_inverse_diagonal(order) else None
-    perm = column_order(order, W, Wq, hinv_diag, H[:, idx, idx], xp)
+    perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
     perm = xp.where(ok[:, None], perm, idx[None, :])
     U, ok_u = upper_inverse_factor(permute_square(damped(H, lam, xp), perm, xp), xp)
     ok &= ok_u
