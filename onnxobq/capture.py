@@ -96,52 +96,6 @@ def run(sess: ort.InferenceSession, names: list[str], feed: dict) -> dict[str, n
                         "check the calibration data's shapes and dtypes against the model inputs") from None
 
 
-class OutputRing:
-    """Runs a session with its outputs written into reused host buffers (onnxruntime's
-    I/O binding) instead of into new arrays on every run.
-
-    ``count`` sets of buffers take turns, so the arrays of a run stay valid while the
-    next ``count - 1`` runs write theirs: with a pipeline of depth d, d + 2 sets (one
-    being read, d queued, one being written). The first run learns the output shapes;
-    a batch of another shape (a short last batch) runs the plain way, as does every run
-    after onnxruntime refuses a binding. With an ``Uploader`` on CuPy the buffers are
-    page-locked, so uploading them needs no staging copy.
-    """
-
-    def __init__(self, sess: ort.InferenceSession, names: list[str], count: int, allocate):
-        self.sess, self.names, self.count, self.allocate = sess, names, count, allocate
-        self.signature = None
-        self.specs: dict = {}
-        self.sets: list[dict] = []
-        self.turn = 0
-        self.broken = False
-
-    def run(self, feed: dict) -> dict[str, np.ndarray]:
-        signature = {k: (v.shape, v.dtype) for k, v in feed.items()}
-        if self.signature is None:
-            out = run(self.sess, self.names, feed)
-            self.signature = signature
-            self.specs = {n: (a.shape, a.dtype) for n, a in out.items()}
-            return out
-        if self.broken or signature != self.signature:
-            return run(self.sess, self.names, feed)
-        if len(self.sets) < self.count:
-            self.sets.append({n: self.allocate(shape, dtype) for n, (shape, dtype) in self.specs.items()})
-        bufs = self.sets[self.turn % self.count]
-        self.turn += 1
-        io = self.sess.io_binding()
-        for name, value in feed.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, buf in bufs.items():
-            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        try:
-            self.sess.run_with_iobinding(io)
-        except Exception:            # e.g. an output whose shape depends on the data: run plainly from now on
-            self.broken = True
-            return run(self.sess, self.names, feed)
-        return dict(bufs)
-
-
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, without onnxruntime's boilerplate."""
     text = " ".join(str(exc).replace("Please fix either the inputs/outputs or the model.", "").split())
@@ -375,15 +329,13 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     sums = {key: HessianSum(dtype=sum_dtype) for key in first}
     samples = 0
 
-    upload = Uploader(xp)
-    ring = OutputRing(sess, names, max(pipeline_depth, 0) + 2, upload.host_buffer)
-
     def forward():
         for feed in batches(calib, inputs):
-            acts = ring.run(feed) if names else {}
+            acts = run(sess, names, feed) if names else {}
             yield feed, {**acts, **feed}
 
     waited = 0.0
+    upload = Uploader(xp)
     with contextlib.closing(prefetch(forward(), pipeline_depth)) as items:
         while True:
             start = time.perf_counter()

@@ -185,26 +185,3 @@ def test_hessian_sum_over_batches_equals_the_full_product():
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 50, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(H, H.transpose(0, 2, 1))
-
-
-def test_output_ring_writes_the_plain_outputs_into_rotating_buffers(tmp_path):
-    """Bound outputs equal onnxruntime's own; three buffer sets take turns; a short batch runs plainly."""
-    from onnxobq.capture import OutputRing, layer_input_outputs, model_inputs, run, session
-    from onnxobq.calibration import batches
-
-    model = builders.conv_stack()
-    layers = scan_layers(gs.import_onnx(model)).layers
-    dtypes = layer_input_outputs(model, layers)
-    sess = session(model, dtypes)
-    names = list(dtypes)
-    np.savez(tmp_path / "c.npz", x=np.random.default_rng(9).standard_normal((11, 3, 12, 12)).astype(np.float32))
-    feeds = list(batches(CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), model_inputs(model)))
-    ring = OutputRing(sess, names, 3, np.empty)
-    got = [ring.run(feed) for feed in feeds]
-    assert not ring.broken and len(ring.sets) == 3 and ring.turn == len(feeds) - 2   # first and short: plain
-    for i in range(1, 4):
-        assert all(np.shares_memory(got[i][n], ring.sets[i - 1][n]) for n in names)
-    for i in (len(feeds) - 3, len(feeds) - 2, len(feeds) - 1):   # the last three are still intact
-        ref = run(sess, names, feeds[i])
-        for n in names:
-            np.testing.assert_array_equal(got[i][n], ref[n])
