@@ -61,10 +61,12 @@ class Uploader:
     """Copies host arrays to the array module's device.
 
     On CuPy every copy goes through one reusable page-locked (pinned) host buffer,
-    grown to the largest array seen: on the H100 machine an upload from ordinary
-    pageable memory ran at about 4 GB/s, from pinned memory about ten times faster.
-    The copy is synchronous, so the buffer is free again when a call returns. On
-    NumPy it only converts the dtype (no copy when there is nothing to convert).
+    grown to the largest array seen. On the H100 machine one batch of ResNet-50's
+    layer inputs (32 images) took 290 ms to upload from ordinary pageable memory and
+    27 ms from pinned memory, not counting the host copy into it; end to end, with that
+    copy, the capture of 2,048 images went from 35.0 s to 31.4 s. The upload is
+    synchronous, so the buffer is free again when a call returns. On NumPy it only
+    converts the dtype (no copy when there is nothing to convert).
     """
 
     def __init__(self, xp):
