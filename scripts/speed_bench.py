@@ -40,6 +40,7 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.harness import default_cli  # noqa: E402
+from onnxobq.cli import _shapes  # noqa: E402  (the --input-shape parser of onnxobq quantize)
 
 STAGES = ("load", "capture", "solve", "bn", "export")
 
@@ -96,6 +97,8 @@ def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, arg
                    "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                    "--bits", str(args.bits), "--method", method, "--device", device,
                    "--report", str(report), "-q"]
+    for shape in args.input_shape:
+        cmd += ["--input-shape", shape]
     if not args.bn:
         cmd.append("--no-bn-reestimate")
     start = time.perf_counter()
@@ -109,7 +112,8 @@ def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, arg
     return rec
 
 
-def forward_seconds(model_path: Path, samples: int, batch_size: int, capture_outputs: bool) -> float:
+def forward_seconds(model_path: Path, samples: int, batch_size: int, capture_outputs: bool,
+                    shapes: dict | None = None) -> float:
     """onnxruntime's forward passes alone over the same random calibration data as the runs,
     through a session that (with ``capture_outputs``) exposes every layer input as the capture does."""
     import onnx_graphsurgeon as gs
@@ -122,7 +126,8 @@ def forward_seconds(model_path: Path, samples: int, batch_size: int, capture_out
     layers = scan_layers(gs.import_onnx(model)).layers
     sess = session(model, layer_input_outputs(model, layers) if capture_outputs else {})
     names = [o.name for o in sess.get_outputs()]
-    data = list(batches(CalibConfig(source="random", samples=samples, batch_size=batch_size), inputs))
+    data = list(batches(CalibConfig(source="random", samples=samples, batch_size=batch_size, shapes=shapes or {}),
+                        inputs))
     start = time.perf_counter()
     for feed in data:
         sess.run(names, feed)
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--bn", action="store_true", help="keep BN re-estimation on (default: off, to time the solver)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="shape of a dynamic model input, as onnxobq quantize takes it (repeatable)")
     p.add_argument("--out", type=Path, default=Path("bench_out/speed"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +195,9 @@ def main(argv=None) -> int:
                          f"capture waited for onnxruntime {rec.get('capture_waited_seconds')}s "
                          f"GPU pool {rec.get('peak_gpu_mb')} MB"
                          if rec["status"] == "ok" else str(rec["error"])), flush=True)
-        fwd = forward_seconds(model, args.samples, args.batch_size, True)
-        plain = forward_seconds(model, args.samples, args.batch_size, False)
+        shapes = _shapes(args.input_shape)
+        fwd = forward_seconds(model, args.samples, args.batch_size, True, shapes)
+        plain = forward_seconds(model, args.samples, args.batch_size, False, shapes)
         line = (f"onnxruntime forward passes alone ({args.samples} samples, batch {args.batch_size}): "
                 f"{fwd:.2f} s exposing the layer inputs, {plain:.2f} s without")
         print(line, flush=True)
