@@ -187,3 +187,16 @@ def test_case_data_is_reused_for_the_same_seed_and_made_again_for_another(tmp_pa
     assert (again.calib, again.held_out, again.calib_args) == (first.calib, first.held_out, first.calib_args)
     _, reused_other = case_data(case, tmp_path / "data", 4, True)
     assert reused_other is False and made == [3, 4]
+
+
+def test_saved_hessians_are_dropped_when_the_data_are_made_again(tmp_path):
+    """Hessians left from other data (a stale file) are not loaded: the first run captures anew."""
+    data = tmp_path / "out" / "synthetic" / "data"
+    data.mkdir(parents=True)
+    (data / "hessians.npz").write_bytes(b"stale")
+    (data / "hessians.json").write_text('{"capture_seconds": 1.0}')
+    case = SyntheticCase(root=tmp_path / "model", eval_samples=16)
+    records = run_case(case, [GridEntry("fastobq_sensi_des", 4, False)], tmp_path / "out", HarnessConfig(seed=5),
+                       log=lambda s: None)
+    assert records[1]["status"] == "ok" and records[1]["hessians"] == "saved"
+    assert (data / "hessians.npz").read_bytes()[:2] == b"PK"      # an .npz written by this run
