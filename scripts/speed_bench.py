@@ -200,7 +200,6 @@ def main(argv=None) -> int:
         plain = forward_seconds(model, args.samples, args.batch_size, False, shapes)
         line = (f"onnxruntime forward passes alone ({args.samples} samples, batch {args.batch_size}): "
                 f"{fwd:.2f} s exposing the layer inputs, {plain:.2f} s without")
-        print(line, flush=True)
         tables.append(fmt_table(name, runs) + "\n\n" + line)
         results["models"][name] = {f"{m}/{d}": r for (m, d), r in runs.items()}
         results["models"][name]["forward_seconds"] = {"capture_outputs": fwd, "plain": plain}
