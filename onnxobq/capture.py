@@ -216,9 +216,9 @@ class HessianSum:
         return H
 
 
-def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploader | None = None) -> None:
+def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploader) -> None:
     """Upload one batch of a layer's input, unfold it and add it to ``acc``, a few samples at a time."""
-    a = (upload or Uploader(xp))(a, np.float32)
+    a = upload(a, np.float32)
     per_sample = max(1, a[:1].size * (math.prod(layer.conv.kernel) if layer.conv else 1))
     step = max(1, UNFOLD_ELEMENTS // per_sample) if layer.op != "Gemm" else a.shape[0]
     for start in range(0, a.shape[0], step):

@@ -12,16 +12,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
-import onnx
 
 from .backend import to_numpy
 from .calibration import CalibConfig
 from .capture import Captured
 from .errors import UserError
+from .graph.io import external_data_files, write_atomically
 from .graph.layers import Layer
 
 FORMAT = "onnxobq-hessians/1"
@@ -30,15 +29,7 @@ FORMAT = "onnxobq-hessians/1"
 def model_digest(path: str) -> str:
     """sha256 of the model file and of the external data files it names."""
     h = hashlib.sha256()
-    files = [path]
-    base = os.path.dirname(os.path.abspath(path))
-    model = onnx.load(path, load_external_data=False)
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and os.path.join(base, loc) not in files:
-                files.append(os.path.join(base, loc))
-    for name in files:
+    for name in [path, *external_data_files(path)]:
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
@@ -63,15 +54,7 @@ def save(path: str, captured: Captured, layers: list[Layer], model_path: str, ca
     for i, key in enumerate(keys):
         arrays[f"h{i}"] = to_numpy(captured.hessians[key])
         arrays[f"rows{i}"] = np.array(captured.rows[key], dtype=np.int64)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | None, xp) -> Captured:
@@ -84,30 +67,34 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
     again = "capture them again with --save-hessians"
     if not os.path.isfile(path):
         raise UserError(f"--hessians {path}: no such file; give a file written by --save-hessians")
+    not_ours = UserError(f"--hessians {path}: not a Hessian file of this onnxobq version; {again}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise not_ours from None
+    with npz:
+        try:
             header = json.loads(str(npz["header"]))
-            if header.get("format") != FORMAT:
-                raise ValueError(header.get("format"))
-            arrays = dict(npz)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        raise UserError(f"--hessians {path}: not a Hessian file of this onnxobq version; {again}") from None
-    if header["model_sha256"] != model_digest(model_path):
-        raise UserError(f"--hessians {path}: captured from another model ({header['model']}), "
-                        f"not {model_path}; {again}")
-    if calib is not None and calib_description(calib) != header["calib"]:
-        raise UserError(f"--hessians {path}: captured with other calibration settings "
-                        f"(--calib {header['calib']['source']}, {header['samples']} samples); "
-                        f"give the same --calib options, or {again}")
-    index = {k: i for i, k in enumerate(header["keys"])}
-    hessians, rows = {}, {}
-    for layer in layers:
-        key = layer.hessian_key
-        i = index.get(repr(key))
-        if i is None:
-            raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
-                            f"(saved with other --exclude patterns?); {again}")
-        if key not in hessians:
-            hessians[key] = xp.asarray(arrays[f"h{i}"])
-            rows[key] = int(arrays[f"rows{i}"])
+        except (ValueError, KeyError):
+            raise not_ours from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise not_ours
+        if header["model_sha256"] != model_digest(model_path):
+            raise UserError(f"--hessians {path}: captured from another model ({header['model']}), "
+                            f"not {model_path}; {again}")
+        if calib is not None and calib_description(calib) != header["calib"]:
+            raise UserError(f"--hessians {path}: captured with other calibration settings "
+                            f"(--calib {header['calib']['source']}, {header['samples']} samples); "
+                            f"give the same --calib options, or {again}")
+        index = {k: i for i, k in enumerate(header["keys"])}
+        hessians, rows = {}, {}
+        for layer in layers:          # read only the Hessians these layers use
+            key = layer.hessian_key
+            i = index.get(repr(key))
+            if i is None:
+                raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
+                                f"(saved with other --exclude patterns?); {again}")
+            if key not in hessians:
+                hessians[key] = xp.asarray(npz[f"h{i}"])
+                rows[key] = int(npz[f"rows{i}"])
     return Captured(hessians, rows, header["samples"])

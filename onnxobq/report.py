@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import resource
-import tempfile
 from dataclasses import asdict, dataclass, field
 
+from .graph.io import write_atomically
 from .graph.layers import Skipped
 from .solve import LayerStats
 
@@ -57,15 +56,7 @@ def peak_rss_mb() -> float:
 
 def write_json(report: RunReport, path: str) -> None:
     """Write the report atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda f: json.dump(report.to_dict(), f, indent=2))
 
 
 def _fmt_err(e: float | None) -> str:

@@ -77,6 +77,21 @@ def external_data_files(path: str) -> list[str]:
     return sorted(files)
 
 
+def write_atomically(path: str, write, binary: bool = False) -> None:
+    """Write a file through a temporary one beside it, renamed into place: a reader never
+    sees a partial file, and a failed write leaves nothing. ``write(f)`` writes the content."""
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def check_output_path(model_path: str, output_path: str) -> None:
     """Refuse an output that would overwrite the input model or its external data.
 
