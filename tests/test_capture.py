@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxobq.calibration import CalibConfig
-from onnxobq.capture import HessianSum, capture_hessians, conv_pads, layer_columns
+from onnxobq.capture import HessianSum, Products, capture_hessians, conv_pads, layer_columns
 from onnxobq.graph import scan_layers
 from onnxobq.graph.layers import ConvGeometry, Layer
 
@@ -65,7 +65,7 @@ def test_conv_hessian_equals_brute_force(case):
     x = np.random.default_rng(0).standard_normal(case.pop("xshape")).astype(np.float32)
     layer = conv_layer(**case)
     acc = HessianSum()
-    acc.add(layer_columns(layer, x, np), np)
+    acc.add(layer_columns(layer, x, np), np, Products(np))
     np.testing.assert_allclose(acc.sum, brute_force_conv_hessian(x, layer), rtol=1e-4, atol=1e-3)
 
 
@@ -78,7 +78,7 @@ def test_gemm_and_matmul_hessians_equal_brute_force():
     a3 = r.standard_normal((2, 4, 7)).astype(np.float32)
     for layer, act, rows in ((gemm, a, a), (gemm_t, a, a.T), (mm, a3, a3.reshape(-1, 7))):
         acc = HessianSum()
-        acc.add(layer_columns(layer, act, np), np)
+        acc.add(layer_columns(layer, act, np), np, Products(np))
         brute = sum(np.outer(row, row) for row in rows.astype(np.float64))
         np.testing.assert_allclose(acc.sum[0], brute, rtol=1e-5, atol=1e-4)
         assert acc.count == len(rows)
@@ -178,10 +178,25 @@ def test_hessian_sum_over_batches_equals_the_full_product():
     """Batches summed in place give 2 X X^T / N of all of them, symmetric."""
     r = np.random.default_rng(8)
     X = r.standard_normal((2, 301, 50)).astype(np.float32)          # (G, C, M)
-    acc = HessianSum()
+    acc, product = HessianSum(), Products(np)
     for part in np.split(X, [20, 35], axis=2):
-        acc.add(np.ascontiguousarray(part), np)
+        acc.add(np.ascontiguousarray(part), np, product)
     H = acc.hessian(np)
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 50, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(H, H.transpose(0, 2, 1))
+
+
+def test_products_reuse_one_buffer_across_shapes():
+    """Each product equals P P^T whatever came before it (a smaller, then a larger, shape),
+    and a product of the same size or smaller lands in the same buffer."""
+    r = np.random.default_rng(9)
+    product = Products(np)
+    first = None
+    for shape in ((1, 5, 7), (3, 10, 4), (1, 2, 9), (2, 30, 11)):
+        P = r.standard_normal(shape).astype(np.float32)
+        got = product(P)
+        np.testing.assert_allclose(got, P @ P.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+        if shape == (1, 2, 9):
+            assert np.shares_memory(got, first)
+        first = got
