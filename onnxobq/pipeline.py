@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -19,7 +20,7 @@ from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_layers, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
-from .solve import solve_layer, working_dtype
+from .solve import plan_stacks, solve_stack, working_dtype
 from .solvers import METHODS
 
 
@@ -84,22 +85,28 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):
-    """Solve every layer in graph order; free each Hessian after its last layer."""
-    hessians = captured.hessians
-    last = {layer.hessian_key: layer.name for layer in scan.layers}
-    qlayers, stats = [], []
-    progress.start("layers", len(scan.layers))
-    for layer in scan.layers:
-        H = hessians.get(layer.hessian_key)
-        q, s = solve_layer(layer, scan.weights[layer.name], H, cfg.solve, xp,
-                           rows=captured.rows.get(layer.hessian_key))
-        qlayers.append(q)
-        stats.append(s)
-        if last[layer.hessian_key] == layer.name:
-            hessians.pop(layer.hessian_key, None)
-        progress.advance(1)
+    """Solve every layer, same-shaped small layers as one stack (solve.plan_stacks); free
+    each Hessian after its last layer. Returns the results in graph order."""
+    layers, hessians = scan.layers, captured.hessians
+    uses = Counter(layer.hessian_key for layer in layers)
+    itemsize = xp.dtype(working_dtype(cfg.solve.precision, xp)).itemsize
+    plan = plan_stacks(layers, [hessians.get(l.hessian_key) is not None for l in layers], itemsize)
+    results = [None] * len(layers)
+    progress.start("layers", len(layers))
+    for stack in plan:
+        members = [layers[i] for i in stack]
+        solved = solve_stack(members, [scan.weights[l.name] for l in members],
+                             [hessians.get(l.hessian_key) for l in members], cfg.solve, xp,
+                             [captured.rows.get(l.hessian_key) for l in members])
+        for i, result in zip(stack, solved):
+            results[i] = result
+        for layer in members:
+            uses[layer.hessian_key] -= 1
+            if uses[layer.hessian_key] == 0:
+                hessians.pop(layer.hessian_key, None)
+        progress.advance(len(stack))
     progress.finish()
-    return qlayers, stats
+    return [q for q, _ in results], [s for _, s in results]
 
 
 def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:

@@ -14,7 +14,8 @@ from .backend import is_cupy, synchronize, to_numpy
 from .config import SolveConfig
 from .graph.layers import Layer, from_matrix, to_matrix
 from .quant import fit_grid
-from .solvers import METHODS, layer_error
+from .solvers import METHODS
+from .solvers.common import group_errors, relative_error
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,11 @@ class QuantizedLayer:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Per-layer figures for the report (errors are ||WX-QX||^2/||WX||^2 from the Hessian)."""
+    """Per-layer figures for the report (errors are ||WX-QX||^2/||WX||^2 from the Hessian).
+
+    ``stacked`` is how many layers were solved together with it (1: alone); ``seconds`` is
+    then its share of their solve time.
+    """
 
     name: str
     op: str
@@ -74,6 +79,7 @@ class LayerStats:
     cols: int = 0
     rows: int | None = None
     note: str = ""
+    stacked: int = 1
 
     @property
     def rank_deficient(self) -> bool:
@@ -88,26 +94,64 @@ def working_dtype(precision: str, xp):
     return getattr(xp, precision)
 
 
+# Layers whose groups have the same (rows, cols) are solved as one stack of groups when
+# their columns are this few: the solvers treat groups independently, so each layer gets
+# what it would get alone, and a GPU pays each operation's launch once per stack instead
+# of once per layer. Larger layers are dominated by their own O(C^3) work.
+STACK_MAX_COLS = 1024
+STACK_MAX_BYTES = 256 << 20      # the stacked weights and Hessians, in the working dtype
+
+
+def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int) -> list[list[int]]:
+    """Group layer indices into stacks to solve together, each in graph order.
+
+    Layers join the open stack of their (rows, cols, has_hessian) while the stack's weights
+    and Hessians fit in STACK_MAX_BYTES; layers wider than STACK_MAX_COLS stay alone.
+    """
+    stacks: list[list[int]] = []
+    open_stack: dict[tuple, tuple[list[int], int]] = {}
+    for i, (layer, has_h) in enumerate(zip(layers, has_hessian)):
+        size = layer.groups * (layer.rows + layer.cols) * layer.cols * itemsize
+        key = (layer.rows, layer.cols, has_h)
+        members, used = open_stack.get(key, (None, 0))
+        if layer.cols > STACK_MAX_COLS or members is None or used + size > STACK_MAX_BYTES:
+            members, used = [], 0
+            stacks.append(members)
+        members.append(i)
+        open_stack[key] = (members, used + size)
+    return stacks
+
+
 def solve_layer(layer: Layer, w: np.ndarray, H, cfg: SolveConfig, xp,
                 rows: int | None = None) -> tuple[QuantizedLayer, LayerStats]:
-    """Quantize one layer.
+    """Quantize one layer (see solve_stack)."""
+    return solve_stack([layer], [w], [H], cfg, xp, [rows])[0]
+
+
+def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, cfg: SolveConfig, xp,
+                rows: list[int | None]) -> list[tuple[QuantizedLayer, LayerStats]]:
+    """Quantize layers whose groups share one (rows, cols) shape, as one stack of groups.
 
     Args:
-        layer: the layer.
-        w: its stored float weight (NumPy).
-        H: its Hessian (G, C, C) on ``xp``, or None when there is no calibration data.
+        layers: the layers.
+        weights: their stored float weights (NumPy).
+        hessians: their Hessians (G, C, C) on ``xp``, or all None when there is no calibration data.
         cfg: solver settings.
         xp: numpy or cupy.
-        rows: how many rows of X (samples times output positions) built H, for the report.
+        rows: how many rows of X (samples times output positions) built each H, for the report.
 
     Returns:
-        The QuantizedLayer and its LayerStats.
+        A (QuantizedLayer, LayerStats) per layer. Each layer's seconds are its share (by groups)
+        of the stack's solve time.
     """
     method = METHODS[cfg.method]
     dtype = working_dtype(cfg.precision, xp)
-    W = xp.asarray(to_matrix(layer, w), dtype=dtype)
-    Hw = None if H is None else xp.asarray(H, dtype=dtype)
+    W = _stack([to_matrix(l, w) for l, w in zip(layers, weights)], dtype, xp)
+    Hw = None if hessians[0] is None else _stack(hessians, dtype, xp)
     bad_input = Hw is not None and not bool(xp.isfinite(Hw).all())
+    if bad_input and len(layers) > 1:   # find which: each alone
+        return [out for i in range(len(layers))
+                for out in solve_stack(layers[i:i + 1], weights[i:i + 1], hessians[i:i + 1], cfg, xp, rows[i:i + 1])]
     if bad_input:  # NaN/Inf activations (e.g. from a layer upstream left in float): no usable H
         method, Hw = METHODS["rtn"], None
     grid = fit_grid(W, cfg.grid, xp)
@@ -120,26 +164,38 @@ def solve_layer(layer: Layer, w: np.ndarray, H, cfg: SolveConfig, xp,
                            block=cfg.block, damp=cfg.damp, xp=xp)
     synchronize(xp)
     seconds = time.perf_counter() - start
-    error = rtn_error = None
-    note = ""
     if Hw is not None:
-        error = layer_error(W, res.Q, Hw, xp)
-        rtn = METHODS["rtn"].solve(W, None, grid, xp=xp)
-        rtn_error = layer_error(W, rtn.Q, Hw, xp)
-    name = method.name
-    if bad_input:
-        note = "its calibration inputs hold NaN or Inf values: rounded to nearest; check the layers before it"
-    elif res.fallback.any():
-        name = f"{cfg.method}+rtn"
-        note = (f"Cholesky failed in {int(res.fallback.sum())}/{layer.groups} group(s) even with "
-                "more damping: rounded to nearest there; raise --damp")
-    lam = res.damp[np.isfinite(res.damp)]
-    q = QuantizedLayer(layer=layer,
-                       codes=from_matrix(layer, to_numpy(res.codes)).astype(np.int32),
-                       scale=to_numpy(res.scale).reshape(-1).astype(np.float64),
-                       zero=to_numpy(res.zero).reshape(-1).astype(np.int32),
-                       qmin=grid.qmin, qmax=grid.qmax, bits=cfg.grid.bits)
-    stats = LayerStats(layer.name, layer.op, layer.shape, layer.groups, cfg.grid.bits, name,
-                       error, rtn_error, seconds, float(lam.max()) if lam.size else None, layer.cols,
-                       rows if method.uses_hessian else None, note)
-    return q, stats
+        num, den = group_errors(W, res.Q, Hw, xp)
+        rtn_num, _ = group_errors(W, METHODS["rtn"].solve(W, None, grid, xp=xp).Q, Hw, xp)
+    codes, scale, zero = to_numpy(res.codes), to_numpy(res.scale), to_numpy(res.zero)
+    out, g0, total = [], 0, W.shape[0]
+    for layer, n_rows in zip(layers, rows):
+        g = slice(g0, g0 + layer.groups)
+        g0 += layer.groups
+        name, note = method.name, ""
+        if bad_input:
+            note = "its calibration inputs hold NaN or Inf values: rounded to nearest; check the layers before it"
+        elif res.fallback[g].any():
+            name = f"{cfg.method}+rtn"
+            note = (f"Cholesky failed in {int(res.fallback[g].sum())}/{layer.groups} group(s) even with "
+                    "more damping: rounded to nearest there; raise --damp")
+        lam = res.damp[g][np.isfinite(res.damp[g])]
+        q = QuantizedLayer(layer=layer,
+                           codes=from_matrix(layer, codes[g]).astype(np.int32),
+                           scale=scale[g].reshape(-1).astype(np.float64),
+                           zero=zero[g].reshape(-1).astype(np.int32),
+                           qmin=grid.qmin, qmax=grid.qmax, bits=cfg.grid.bits)
+        stats = LayerStats(layer.name, layer.op, layer.shape, layer.groups, cfg.grid.bits, name,
+                           None if Hw is None else relative_error(num[g], den[g]),
+                           None if Hw is None else relative_error(rtn_num[g], den[g]),
+                           seconds * layer.groups / total, float(lam.max()) if lam.size else None, layer.cols,
+                           n_rows if method.uses_hessian else None, note, stacked=len(layers))
+        out.append((q, stats))
+    return out
+
+
+def _stack(arrays: list, dtype, xp):
+    """Concatenate (G, ., .) arrays along the groups into one on ``xp`` (no copy for a single one)."""
+    if len(arrays) == 1:
+        return xp.asarray(arrays[0], dtype=dtype)
+    return xp.concatenate([xp.asarray(a, dtype=dtype) for a in arrays])

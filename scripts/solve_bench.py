@@ -24,6 +24,7 @@ Examples::
     python scripts/solve_bench.py --device cpu --cols 256,512,1024 --rows 256,1024
     python scripts/solve_bench.py --device cuda --cols 256,512,1024,2048,4096,8192 --rows 256,1024,4096
     python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq,obq
+    python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq --stacked
 """
 from __future__ import annotations
 
@@ -104,14 +105,29 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
     return best * factor, rows
 
 
-def resnet50_shapes() -> list[tuple[str, int, int, int]]:
-    """(name, G, R, C) of every layer of the speed benchmark's random ResNet-50."""
+def resnet50_layers() -> list:
+    """The layers of the speed benchmark's random ResNet-50."""
     import onnx_graphsurgeon as gs
     from onnxobq.graph import scan_layers
     from speed_bench import resnet50
 
-    scan = scan_layers(gs.import_onnx(resnet50(0)))
-    return [(l.name, l.groups, l.rows, l.cols) for l in scan.layers]
+    return scan_layers(gs.import_onnx(resnet50(0))).layers
+
+
+def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int) -> tuple[dict, int]:
+    """Seconds per method to solve ``layers`` as ``onnxobq quantize`` groups them
+    (``solve.plan_stacks``: same-shaped small layers as one stack), and the number of stacks."""
+    from onnxobq.solve import plan_stacks
+
+    plan = plan_stacks(layers, [True] * len(layers), np.dtype(dtype).itemsize)
+    totals = {m: 0.0 for m in methods}
+    for stack in plan:
+        first = layers[stack[0]]
+        W, H = problem(sum(layers[i].groups for i in stack), first.rows, first.cols, xp, dtype)
+        for m in methods:
+            totals[m] += time_solve(m, W, H, xp, repeat, first.rows)[0]
+        del W, H
+    return totals, len(plan)
 
 
 def main(argv=None) -> int:
@@ -124,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="256,1024")
     p.add_argument("--resnet50", action="store_true", help="time every ResNet-50 layer shape instead")
     p.add_argument("--layers", help="with --resnet50: only these comma-separated layers (e.g. n143,n155)")
+    p.add_argument("--stacked", action="store_true",
+                   help="with --resnet50: also time the layers in the stacks onnxobq quantize solves them in "
+                        "(same-shaped small layers together; exact OBQ is left out)")
     p.add_argument("--precision", choices=("float32", "float64"), default=None,
                    help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
     p.add_argument("--repeat", type=int, default=3)
@@ -135,11 +154,13 @@ def main(argv=None) -> int:
     xp = array_module(args.device)
     dtype = args.precision or ("float32" if args.device == "cuda" else "float64")
     methods = args.methods.split(",")
+    layers = []
     if args.resnet50:
-        shapes = resnet50_shapes()
+        layers = resnet50_layers()
         if args.layers:
             wanted = set(args.layers.split(","))
-            shapes = [s for s in shapes if s[0] in wanted]
+            layers = [l for l in layers if l.name in wanted]
+        shapes = [(l.name, l.groups, l.rows, l.cols) for l in layers]
     else:
         shapes = [(f"R{r}xC{c}", 1, int(r), int(c)) for c in args.cols.split(",") for r in args.rows.split(",")]
     device = args.device
@@ -164,13 +185,21 @@ def main(argv=None) -> int:
     print("total: " + ", ".join(f"{m} {totals[m]:.3f} s" for m in methods))
     if "fastobq" in totals and totals["fastobq"] > 0:
         print("ratio to fastobq: " + ", ".join(f"{m} {totals[m] / totals['fastobq']:.1f}x" for m in methods))
+    stacked = None
+    if args.stacked and layers:
+        stack_methods = [m for m in methods if m != "obq"]
+        stacked, count = time_stacks(layers, stack_methods, xp, dtype, args.repeat)
+        print(f"stacked as onnxobq quantize solves them ({count} solves for {len(layers)} layers): "
+              + ", ".join(f"{m} {stacked[m]:.3f} s ({totals[m] / stacked[m]:.2f}x faster than one by one)"
+                          for m in stack_methods))
     if any(r["extrapolated"] for r in records):
         print("* exact OBQ solved only some of the rows (whole row batches, at least "
               f"{args.obq_rows}); its time is scaled by the number of row batches")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(device=device, dtype=dtype, platform=platform.platform(),
-                                             argv=sys.argv, records=records, totals=totals), indent=1))
+                                             argv=sys.argv, records=records, totals=totals,
+                                             stacked_totals=stacked), indent=1))
     return 0
 
 

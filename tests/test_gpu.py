@@ -174,3 +174,23 @@ def test_uploader_copies_through_its_pinned_buffer(cp):
         got = up(a, np.float32)
         assert got.dtype == cp.float32 and got.shape == shape
         np.testing.assert_array_equal(to_numpy(got), a.astype(np.float32))
+
+
+def test_stacked_layers_on_gpu_match_each_layer_on_numpy(cp):
+    from onnxobq.config import SolveConfig
+    from onnxobq.graph.layers import ConvGeometry, Layer
+    from onnxobq.solve import solve_layer, solve_stack
+
+    layers, weights, hessians = [], [], []
+    for n, G in enumerate((1, 3, 2)):
+        W, H = problem(10 + n, G=G, R=16, C=40)
+        layers.append(Layer(f"l{n}", "Conv", f"w{n}", "initializer", f"x{n}", f"y{n}", (16 * G, 40, 1),
+                            "float32", G, 16, 40, conv=ConvGeometry((1,), (1,), (0, 0), (1,))))
+        weights.append(W.reshape(16 * G, 40, 1).astype(np.float32))
+        hessians.append(H)
+    cfg = SolveConfig(grid=GridSpec(bits=3), precision="float64")
+    got = solve_stack(layers, weights, [cp.asarray(H) for H in hessians], cfg, cp, [1, 1, 1])
+    for (q, s), layer, w, H in zip(got, layers, weights, hessians):
+        q1, s1 = solve_layer(layer, w, H, cfg, np)
+        assert np.mean(q.codes != q1.codes) < 0.002
+        assert s.error == pytest.approx(s1.error, rel=1e-3) and s.stacked == 3

@@ -1,0 +1,109 @@
+"""Solving same-shaped layers as one stack gives each layer exactly what it gets alone."""
+import numpy as np
+import onnx
+import pytest
+
+from onnxobq import solve
+from onnxobq.calibration import CalibConfig
+from onnxobq.config import BNConfig, QuantizeConfig, SolveConfig
+from onnxobq.quant import GridSpec
+from onnxobq.graph.layers import ConvGeometry, Layer
+from onnxobq.pipeline import run
+from onnxobq.solve import plan_stacks, solve_layer, solve_stack
+from onnxobq.solvers import Damping
+
+import builders
+
+
+def layer(name, rows, cols, groups=1):
+    k = cols  # a 1-D conv whose kernel spans the inputs: (O, 1, cols) per group
+    return Layer(name, "Conv", name + ".w", "initializer", name + ".x", name + ".y",
+                 (rows * groups, 1, k), "float32", groups, rows, cols,
+                 conv=ConvGeometry((k,), (1,), (0, 0), (1,)))
+
+
+def test_plan_stacks_groups_equal_shapes_within_the_limits(monkeypatch):
+    monkeypatch.setattr(solve, "STACK_MAX_BYTES", 10 * (4 + 8) * 8 * 4)   # ten groups of (4, 8) in float32
+    layers = [layer("a", 4, 8), layer("b", 3, 8), layer("c", 4, 8, groups=6), layer("d", 4, 8, groups=4),
+              layer("e", 4, 8), layer("wide", 2, solve.STACK_MAX_COLS + 1), layer("wide2", 2, solve.STACK_MAX_COLS + 1),
+              layer("f", 4, 8)]
+    has_h = [True] * 7 + [False]
+    # a+c fill 7 of the 10 groups, d (4 more) opens a new stack that e joins; b is another shape;
+    # the wide layers stay alone; f has no Hessian, so it cannot join the others.
+    assert plan_stacks(layers, has_h, 4) == [[0, 2], [1], [3, 4], [5], [6], [7]]
+
+
+def stack_problem(seed, shapes, C=12):
+    r = np.random.default_rng(seed)
+    layers, weights, hessians = [], [], []
+    for n, (R, G) in enumerate(shapes):
+        lay = layer(f"l{n}", R, C, G)
+        X = (np.eye(C) + 0.5 * r.standard_normal((C, C))) @ r.standard_normal((G, C, 5 * C))
+        layers.append(lay)
+        weights.append(r.standard_normal(lay.shape).astype(np.float32))
+        hessians.append(2 * X @ X.transpose(0, 2, 1) / X.shape[2])
+    return layers, weights, hessians
+
+
+@pytest.mark.parametrize("method", ["fastobq", "gptq", "obq", "rtn"])
+def test_a_stack_solves_each_layer_as_alone(method):
+    layers, weights, hessians = stack_problem(0, [(5, 1), (5, 3), (5, 2)])
+    cfg = SolveConfig(method=method, grid=GridSpec(bits=3))
+    together = solve_stack(layers, weights, hessians, cfg, np, [100, 200, 300])
+    for i, (q, s) in enumerate(together):
+        q1, s1 = solve_layer(layers[i], weights[i], hessians[i], cfg, np, [100, 200, 300][i])
+        np.testing.assert_array_equal(q.codes, q1.codes)
+        np.testing.assert_array_equal(q.scale, q1.scale)
+        np.testing.assert_array_equal(q.zero, q1.zero)
+        assert (s.name, s.method, s.rows, s.damp, s.note) == (s1.name, s1.method, s1.rows, s1.damp, s1.note)
+        assert s.error == pytest.approx(s1.error, rel=1e-12)
+        assert s.rtn_error == pytest.approx(s1.rtn_error, rel=1e-12)
+        assert (s.stacked, s1.stacked) == (3, 1)
+
+
+def test_a_failing_or_broken_layer_in_a_stack_is_reported_alone():
+    layers, weights, hessians = stack_problem(1, [(4, 1), (4, 2), (4, 1)])
+    hessians[1][1] = -np.eye(12)                 # one group of the middle layer cannot be factorised
+    cfg = SolveConfig(method="fastobq", grid=GridSpec(bits=4), damp=Damping(0.01, relative=False, retries=1))
+    out = solve_stack(layers, weights, hessians, cfg, np, [1, 1, 1])
+    assert [s.method for _, s in out] == ["fastobq", "fastobq+rtn", "fastobq"]
+    assert out[1][1].note.startswith("Cholesky failed in 1/2 group(s)")
+    hessians[2][0, 0, 0] = np.nan                # NaN activations behind the last layer
+    out = solve_stack(layers, weights, hessians, cfg, np, [1, 1, 1])
+    assert [s.method for _, s in out] == ["fastobq", "fastobq+rtn", "rtn"]
+    assert out[2][1].note.startswith("its calibration inputs hold NaN or Inf values")
+    assert [s.stacked for _, s in out] == [1, 1, 1]
+
+
+def repeated_net() -> onnx.ModelProto:
+    """x(N,8,10,10) -> two Conv3x3 8->8 and two depthwise Conv3x3 (two stacks of two) -> y."""
+    r = builders.rng(3)
+    weights = {"wa": (8, 8, 3, 3), "wb": (8, 8, 3, 3), "wc": (8, 1, 3, 3), "wd": (8, 1, 3, 3)}
+    inits = [onnx.numpy_helper.from_array((r.standard_normal(s) * 0.3).astype(np.float32), k)
+             for k, s in weights.items()]
+    make = onnx.helper.make_node
+    nodes = [make("Conv", ["x", "wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
+             make("Relu", ["a"], ["ra"], name="ra"),
+             make("Conv", ["ra", "wb"], ["b"], name="b", pads=[1, 1, 1, 1]),
+             make("Conv", ["b", "wc"], ["c"], name="c", group=8, pads=[1, 1, 1, 1]),
+             make("Relu", ["c"], ["rc"], name="rc"),
+             make("Conv", ["rc", "wd"], ["y"], name="d", group=8, pads=[1, 1, 1, 1])]
+    return builders.make_model(nodes, [builders.fvi("x", [None, 8, 10, 10])],
+                               [builders.fvi("y", [None, 8, 10, 10])], inits)
+
+
+def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkeypatch):
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(repeated_net(), src)
+    np.savez(calib, x=builders.rng(4).standard_normal((6, 8, 10, 10)).astype(np.float32))
+    reports = {}
+    for limit in (0, solve.STACK_MAX_COLS):
+        monkeypatch.setattr(solve, "STACK_MAX_COLS", limit)
+        cfg = QuantizeConfig(model=str(src), output=str(tmp_path / f"q{limit}.onnx"),
+                             calib=CalibConfig(source=str(calib), batch_size=2),
+                             solve=SolveConfig(grid=GridSpec(bits=3)), bn=BNConfig(reestimate=False))
+        reports[limit] = run(cfg)
+    alone, stacked = reports[0].layers, reports[solve.STACK_MAX_COLS].layers
+    assert [s.stacked for s in alone] == [1, 1, 1, 1] and [s.stacked for s in stacked] == [2, 2, 2, 2]
+    assert [s.error for s in stacked] == pytest.approx([s.error for s in alone], rel=1e-12)
+    assert (tmp_path / "q0.onnx").read_bytes() == (tmp_path / f"q{solve.STACK_MAX_COLS}.onnx").read_bytes()
