@@ -111,8 +111,15 @@ def _numpy_cholesky(A):
 
 
 def lower_inverse(L, xp):
-    """Inverses of a stack of lower triangular matrices (G, C, C): triangular solves on CuPy."""
-    if xp is np or L.shape[-1] <= BATCHED_MAX_DIM:
+    """Inverses of a stack of lower triangular matrices (G, C, C): LAPACK's triangular
+    inverse (trtri, C^3 / 3 flops against a general inverse's 2 C^3) on NumPy, triangular
+    solves on CuPy."""
+    if xp is np:
+        from scipy.linalg import lapack   # here, so that the GPU path runs without SciPy
+
+        trtri = lapack.get_lapack_funcs("trtri", (L,))
+        return np.stack([np.tril(trtri(l, lower=1)[0]) for l in L])
+    if L.shape[-1] <= BATCHED_MAX_DIM:
         return xp.tril(xp.linalg.inv(L))
     from cupyx.scipy.linalg import solve_triangular
     eye = xp.eye(L.shape[-1], dtype=L.dtype)

@@ -131,3 +131,14 @@ def test_inverse_factors_match_the_explicit_inverse(C):
     np.testing.assert_allclose(U, np.swapaxes(np.linalg.cholesky(inv), -1, -2), rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(inverse_diagonal(cholesky(A, np)[0], np), np.diagonal(inv, axis1=1, axis2=2),
                                rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lower_inverse_inverts_each_triangle_and_keeps_the_dtype(dtype):
+    from onnxobq.solvers.common import lower_inverse
+
+    r = np.random.default_rng(7)
+    L = np.tril(r.standard_normal((3, 90, 90))) + 10 * np.eye(90)
+    got = lower_inverse(L.astype(dtype), np)
+    assert got.dtype == dtype and np.array_equal(got, np.tril(got))
+    np.testing.assert_allclose(got, np.linalg.inv(L), rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-7)
