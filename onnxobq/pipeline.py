@@ -20,7 +20,7 @@ from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_layers, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
-from .solve import plan_stacks, solve_stack, working_dtype
+from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
 from .solvers import METHODS
 
 
@@ -85,12 +85,13 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):
-    """Solve every layer, same-shaped small layers as one stack (solve.plan_stacks); free
+    """Solve every layer, on a GPU same-shaped small layers as one stack (solve.plan_stacks); free
     each Hessian after its last layer. Returns the results in graph order."""
     layers, hessians = scan.layers, captured.hessians
     uses = Counter(layer.hessian_key for layer in layers)
     itemsize = xp.dtype(working_dtype(cfg.solve.precision, xp)).itemsize
-    plan = plan_stacks(layers, [hessians.get(l.hessian_key) is not None for l in layers], itemsize)
+    plan = plan_stacks(layers, [hessians.get(l.hessian_key) is not None for l in layers], itemsize,
+                       stack_budget(xp))
     results = [None] * len(layers)
     progress.start("layers", len(layers))
     for stack in plan:

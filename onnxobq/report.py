@@ -96,6 +96,10 @@ def summary_lines(report: RunReport) -> list[str]:
         out.append(f"note: {count} fewer rows of calibration input than they have inputs: "
                    f"{names}{more}. Their Hessians are rank-deficient, so their errors above are optimistic "
                    "and may not carry over to other data; give more calibration samples")
+    stacked = [s for s in report.layers if s.stacked > 1]
+    if stacked:
+        out.append(f"note: {len(stacked)} layers were solved in stacks with others of the same shape; "
+                   "their seconds are shares of their stack's time")
     for k in report.skipped:
         out.append(f"skipped: {k.name} ({k.op}): {k.reason}")
     out.extend(bn_lines(report.bn))

@@ -115,11 +115,11 @@ def resnet50_layers() -> list:
 
 
 def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int) -> tuple[dict, int]:
-    """Seconds per method to solve ``layers`` as ``onnxobq quantize`` groups them
+    """Seconds per method to solve ``layers`` as ``onnxobq quantize`` groups them on a GPU
     (``solve.plan_stacks``: same-shaped small layers as one stack), and the number of stacks."""
-    from onnxobq.solve import plan_stacks
+    from onnxobq.solve import STACK_MAX_BYTES, plan_stacks
 
-    plan = plan_stacks(layers, [True] * len(layers), np.dtype(dtype).itemsize)
+    plan = plan_stacks(layers, [True] * len(layers), np.dtype(dtype).itemsize, STACK_MAX_BYTES)
     totals = {m: 0.0 for m in methods}
     for stack in plan:
         first = layers[stack[0]]
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", help="with --resnet50: only these comma-separated layers (e.g. n143,n155)")
     p.add_argument("--stacked", action="store_true",
                    help="with --resnet50: also time the layers in the stacks onnxobq quantize solves them in "
-                        "(same-shaped small layers together; exact OBQ is left out)")
+                        "on a GPU (same-shaped small layers together; exact OBQ is left out)")
     p.add_argument("--precision", choices=("float32", "float64"), default=None,
                    help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
     p.add_argument("--repeat", type=int, default=3)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     if args.stacked and layers:
         stack_methods = [m for m in methods if m != "obq"]
         stacked, count = time_stacks(layers, stack_methods, xp, dtype, args.repeat)
-        print(f"stacked as onnxobq quantize solves them ({count} solves for {len(layers)} layers): "
+        print(f"stacked as onnxobq quantize solves them on a GPU ({count} solves for {len(layers)} layers): "
               + ", ".join(f"{m} {stacked[m]:.3f} s ({totals[m] / stacked[m]:.2f}x faster than one by one)"
                           for m in stack_methods))
     if any(r["extrapolated"] for r in records):

@@ -3,12 +3,13 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxobq import solve
+from onnxobq import pipeline, solve
 from onnxobq.calibration import CalibConfig
 from onnxobq.config import BNConfig, QuantizeConfig, SolveConfig
 from onnxobq.quant import GridSpec
 from onnxobq.graph.layers import ConvGeometry, Layer
 from onnxobq.pipeline import run
+from onnxobq.report import summary_lines
 from onnxobq.solve import plan_stacks, solve_layer, solve_stack
 from onnxobq.solvers import Damping
 
@@ -22,15 +23,20 @@ def layer(name, rows, cols, groups=1):
                  conv=ConvGeometry((k,), (1,), (0, 0), (1,)))
 
 
-def test_plan_stacks_groups_equal_shapes_within_the_limits(monkeypatch):
-    monkeypatch.setattr(solve, "STACK_MAX_BYTES", 10 * (4 + 8) * 8 * 4)   # ten groups of (4, 8) in float32
+def test_plan_stacks_groups_equal_shapes_within_the_limits():
+    budget = 10 * (4 + 8) * 8 * 4                                 # ten groups of (4, 8) in float32
     layers = [layer("a", 4, 8), layer("b", 3, 8), layer("c", 4, 8, groups=6), layer("d", 4, 8, groups=4),
               layer("e", 4, 8), layer("wide", 2, solve.STACK_MAX_COLS + 1), layer("wide2", 2, solve.STACK_MAX_COLS + 1),
               layer("f", 4, 8)]
     has_h = [True] * 7 + [False]
     # a+c fill 7 of the 10 groups, d (4 more) opens a new stack that e joins; b is another shape;
     # the wide layers stay alone; f has no Hessian, so it cannot join the others.
-    assert plan_stacks(layers, has_h, 4) == [[0, 2], [1], [3, 4], [5], [6], [7]]
+    assert plan_stacks(layers, has_h, 4, budget) == [[0, 2], [1], [3, 4], [5], [6], [7]]
+    assert plan_stacks(layers, has_h, 4, 0) == [[i] for i in range(len(layers))]
+
+
+def test_only_a_gpu_stacks():
+    assert solve.stack_budget(np) == 0
 
 
 def stack_problem(seed, shapes, C=12):
@@ -97,6 +103,7 @@ def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkey
     onnx.save(repeated_net(), src)
     np.savez(calib, x=builders.rng(4).standard_normal((6, 8, 10, 10)).astype(np.float32))
     reports = {}
+    monkeypatch.setattr(pipeline, "stack_budget", lambda xp: solve.STACK_MAX_BYTES)   # stack on the CPU too
     for limit in (0, solve.STACK_MAX_COLS):
         monkeypatch.setattr(solve, "STACK_MAX_COLS", limit)
         cfg = QuantizeConfig(model=str(src), output=str(tmp_path / f"q{limit}.onnx"),
@@ -107,3 +114,7 @@ def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkey
     assert [s.stacked for s in alone] == [1, 1, 1, 1] and [s.stacked for s in stacked] == [2, 2, 2, 2]
     assert [s.error for s in stacked] == pytest.approx([s.error for s in alone], rel=1e-12)
     assert (tmp_path / "q0.onnx").read_bytes() == (tmp_path / f"q{solve.STACK_MAX_COLS}.onnx").read_bytes()
+    note = ("note: 4 layers were solved in stacks with others of the same shape; "
+            "their seconds are shares of their stack's time")
+    assert note in summary_lines(reports[solve.STACK_MAX_COLS])
+    assert not any("stacks" in line for line in summary_lines(reports[0]))
