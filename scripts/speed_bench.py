@@ -18,10 +18,15 @@ measured in the same run: every method against FastOBQ on the same device, and
 CPU against GPU for the same method. It writes every report and the table to
 ``--out``.
 
-Example::
+Examples::
 
     python scripts/speed_bench.py --models resnet50 --methods rtn,gptq,fastobq \\
         --devices cpu,cuda --samples 256 --bits 4 --out bench_out/speed
+
+    # MiniLM (69 MB) for a machine that can be sent 64 MiB: strip it here, fill it there
+    python scripts/speed_bench.py --strip-weights paraphrase-MiniLM-L3-v2.onnx minilm.shapes.onnx
+    python scripts/speed_bench.py --models minilm=minilm.shapes.onnx --random-weights \\
+        --input-shape input_ids=8x128 --input-shape attention_mask=8x128 --batch-size 8
 """
 from __future__ import annotations
 
@@ -88,6 +93,46 @@ def _random_weight(name: str, shape: tuple, rng) -> np.ndarray:
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     std = 0.01 if name.startswith("gpu_0/pred") else np.sqrt(2.0 / fan_in)
     return (std * rng.standard_normal(shape)).astype(np.float32)
+
+
+# Float initializers at least this large are what --strip-weights leaves out.
+STRIP_MIN_ELEMENTS = 1 << 18
+
+
+def strip_weights(src: Path, dst: Path) -> int:
+    """Write ``src`` without the values of its large float initializers (their shapes stay,
+    marked as external data that is never written), so that a model past the GPU machine's
+    carry limit travels as a few kB. Returns how many were left out."""
+    model = onnx.load(src)
+    count = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type != onnx.TensorProto.FLOAT or size < STRIP_MIN_ELEMENTS:
+            continue
+        t.ClearField("raw_data")
+        t.ClearField("float_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.add(key="location", value="stripped-weights.bin")
+        count += 1
+    onnx.save(model, dst)
+    return count
+
+
+def fill_stripped(src: Path, dst: Path, seed: int) -> int:
+    """The inverse of strip_weights, with seeded N(0, 0.02^2) values where the weights were
+    (the stages' times depend only on the shapes). Returns how many were filled."""
+    model = onnx.load(src, load_external_data=False)
+    rng = np.random.default_rng(seed)
+    count = 0
+    for i, t in enumerate(model.graph.initializer):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        values = (0.02 * rng.standard_normal(tuple(t.dims))).astype(np.float32)
+        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, t.name))
+        count += 1
+    onnx.save(model, dst)
+    return count
 
 
 def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, args) -> dict:
@@ -172,7 +217,16 @@ def main(argv=None) -> int:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
                    help="shape of a dynamic model input, as onnxobq quantize takes it (repeatable)")
     p.add_argument("--out", type=Path, default=Path("bench_out/speed"))
+    p.add_argument("--strip-weights", nargs=2, type=Path, metavar=("MODEL", "OUT"),
+                   help="only write MODEL without its large float weights to OUT (for the GPU machine's carry)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="fill the weights a --strip-weights model left out with seeded random values")
     args = p.parse_args(argv)
+    if args.strip_weights:
+        count = strip_weights(*args.strip_weights)
+        print(f"wrote {args.strip_weights[1]} ({args.strip_weights[1].stat().st_size} bytes) without "
+              f"the values of {count} float initializers")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                            "argv": sys.argv}, "models": {}}
@@ -183,6 +237,10 @@ def main(argv=None) -> int:
             path = args.out / "resnet50_random.onnx"
             onnx.save(resnet50(args.seed), path)
         model = Path(path)
+        if args.random_weights:
+            filled = args.out / f"{name}_filled.onnx"
+            fill_stripped(model, filled, args.seed)
+            model = filled
         runs = {}
         for device in args.devices.split(","):
             quantize(model, args.out, f"{name}_warmup_{device}", "fastobq", device,
