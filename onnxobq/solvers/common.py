@@ -111,19 +111,41 @@ def _numpy_cholesky(A):
 
 
 def lower_inverse(L, xp):
-    """Inverses of a stack of lower triangular matrices (G, C, C): LAPACK's triangular
-    inverse (trtri, C^3 / 3 flops against a general inverse's 2 C^3) on NumPy, triangular
-    solves on CuPy."""
+    """Inverses of a stack of lower triangular matrices (G, C, C): blocked on NumPy,
+    triangular solves on CuPy."""
     if xp is np:
-        from scipy.linalg import lapack   # here, so that the GPU path runs without SciPy
-
-        trtri = lapack.get_lapack_funcs("trtri", (L,))
-        return np.stack([np.tril(trtri(l, lower=1)[0]) for l in L])
+        return _blocked_lower_inverse(L)
     if L.shape[-1] <= BATCHED_MAX_DIM:
         return xp.tril(xp.linalg.inv(L))
     from cupyx.scipy.linalg import solve_triangular
     eye = xp.eye(L.shape[-1], dtype=L.dtype)
     return xp.stack([solve_triangular(l, eye, lower=True) for l in L])
+
+
+# Below this size _blocked_lower_inverse inverts with LAPACK's general inverse.
+BLOCKED_INVERSE_BASE = 128
+
+
+def _blocked_lower_inverse(L):
+    """inv([[A, 0], [B, D]]) = [[A^-1, 0], [-D^-1 B A^-1, D^-1]], halves recursively.
+
+    About (2/3) C^3 flops in matrix products against 2 C^3 for NumPy's general inverse:
+    at d_col 4608 on the 2-core machine 0.74 s against 4.3 s, and as fast as LAPACK's
+    trtri through SciPy (0.71 s). SciPy is not used because its wheel brings a second
+    OpenBLAS, whose threads then compete with NumPy's (MiniLM's solve took 4.4 to 4.6 s
+    with it, 3.9 to 4.1 s before).
+    """
+    n = L.shape[-1]
+    if n <= BLOCKED_INVERSE_BASE:
+        return np.tril(np.linalg.inv(L))
+    h = n // 2
+    a_inv = _blocked_lower_inverse(L[:, :h, :h])
+    d_inv = _blocked_lower_inverse(L[:, h:, h:])
+    out = np.zeros_like(L)
+    out[:, :h, :h] = a_inv
+    out[:, h:, h:] = d_inv
+    out[:, h:, :h] = -(d_inv @ (L[:, h:, :h] @ a_inv))
+    return out
 
 
 def damped_cholesky(H, damp: Damping, xp):
