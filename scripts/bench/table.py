@@ -126,7 +126,7 @@ def case_section(name: str, records: list[dict]) -> list[str]:
                                for b, bn in cols] + [fmt_time([r for k, r in by_key.items() if k[0] == label])])
     out += _table(head + ["mean quant s (solve s)"], rows)
 
-    out += ["", f"Output agreement with FP32 on the held-out inputs, first output "
+    out += ["", "Output agreement with FP32 on the held-out inputs, first output "
                 "(SQNR dB / cosine / top-1 agreement where it applies):", ""]
     rows = [[label] + [cell(by_key.get((label, b, bn)), fmt_agreement) for b, bn in cols]
             for label in _rows(runs)]
