@@ -49,14 +49,19 @@ class Moments:
     squares: np.ndarray | None = None
     count: int = 0
 
-    def add(self, a: np.ndarray) -> None:
+    @classmethod
+    def of(cls, a: np.ndarray) -> "Moments":
+        """The moments of one array, summed in float64 without a float64 copy of it."""
         axes = (0,) + tuple(range(2, a.ndim))
-        a = a.astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported instead
-            s, q = a.sum(axis=axes), (a * a).sum(axis=axes)
-        self.total = s if self.total is None else self.total + s
-        self.squares = q if self.squares is None else self.squares + q
-        self.count += a.size // a.shape[1]
+            return cls(a.sum(axis=axes, dtype=np.float64), np.square(a).sum(axis=axes, dtype=np.float64),
+                       a.size // a.shape[1])
+
+    def add(self, other: "Moments") -> None:
+        """Add another batch's moments to these."""
+        self.total = other.total if self.total is None else self.total + other.total
+        self.squares = other.squares if self.squares is None else self.squares + other.squares
+        self.count += other.count
 
     def mean(self) -> np.ndarray:
         return self.total / self.count
@@ -206,13 +211,10 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
 
 # ----------------------------------------------------------------------------- passes
 
-def _batch_moments(a: np.ndarray):
-    """Per-channel mean and std of one batch, shaped (1, C, 1) for the train-mode model."""
-    m = Moments()
-    m.add(a)
-    c = a.shape[1]
-    return (m.mean().reshape(1, c, 1).astype(a.dtype),
-            np.sqrt(m.var() + VAR_FLOOR).reshape(1, c, 1).astype(a.dtype))
+def _batch_moments(m: Moments, dtype):
+    """A batch's per-channel mean and std, shaped (1, C, 1) for the train-mode model."""
+    return (m.mean().reshape(1, -1, 1).astype(dtype),
+            np.sqrt(m.var() + VAR_FLOOR).reshape(1, -1, 1).astype(dtype))
 
 
 # Keep the float model's outputs in memory between passes up to this size; past it they are
@@ -244,9 +246,10 @@ def float_reference(model, names: dict, calib: CalibConfig, device: str, on_batc
     kept = 0
     for feed in batches(calib, model_inputs(model)):
         got = run(sess, outs + list(names), feed)
+        batch = {n: Moments.of(got[n]) for n in names}
         for n in names:
-            ref.moments[n].add(got[n])
-        ref.batch_moments.append({n: _batch_moments(got[n]) for n in names})
+            ref.moments[n].add(batch[n])
+        ref.batch_moments.append({n: _batch_moments(batch[n], got[n].dtype) for n in names})
         if ref.outputs is not None:
             kept += sum(got[n].nbytes for n in outs)
             if kept <= OUTPUT_CACHE_BYTES:
@@ -295,7 +298,7 @@ def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatRefer
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
         got = run(sess, list(names), q_feed)
         for n in names:
-            moments[n].add(got[n])
+            moments[n].add(Moments.of(got[n]))
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return moments
