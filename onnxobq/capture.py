@@ -345,8 +345,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         pipeline_depth: batches run ahead by onnxruntime in a background thread while
             the Hessians of earlier ones accumulate (0: no overlap). By default 1 when they
             accumulate on a GPU, and 0 on NumPy, whose BLAS and onnxruntime would fight for
-            the same cores (on the 2-core machine the YOLOX detector's capture took 7.8 s
-            for 24 images with the overlap and 6.8 s without).
+            the same cores (the overlap made the capture slower on the 2-core machine).
         sum_dtype: dtype of the running sums and of the Hessians: float64, or float32 where
             the solve runs in float32 anyway (a GPU), which halves their memory. Each batch's
             product is float32 either way.

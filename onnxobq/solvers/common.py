@@ -129,11 +129,10 @@ BLOCKED_INVERSE_BASE = 128
 def _blocked_lower_inverse(L):
     """inv([[A, 0], [B, D]]) = [[A^-1, 0], [-D^-1 B A^-1, D^-1]], halves recursively.
 
-    About (2/3) C^3 flops in matrix products against 2 C^3 for NumPy's general inverse:
-    at d_col 4608 on the 2-core machine 0.74 s against 4.3 s, and as fast as LAPACK's
-    trtri through SciPy (0.71 s). SciPy is not used because its wheel brings a second
-    OpenBLAS, whose threads then compete with NumPy's (MiniLM's solve took 4.4 to 4.6 s
-    with it, 3.9 to 4.1 s before).
+    About (2/3) C^3 flops, in matrix products, against 2 C^3 for NumPy's general inverse,
+    and about as fast as LAPACK's trtri. SciPy's trtri is not used: its wheel brings a
+    second OpenBLAS, whose threads then compete with NumPy's for the cores (the README's
+    2-core speed section has the figures).
     """
     n = L.shape[-1]
     if n <= BLOCKED_INVERSE_BASE:
@@ -232,20 +231,12 @@ def fix_dead_columns(H, xp):
     return H + dead[:, :, None] * xp.eye(H.shape[-1], dtype=H.dtype)   # 0 + 1 on dead diagonals
 
 
-def group_errors(W, Q, H, xp) -> tuple[np.ndarray, np.ndarray]:
-    """Each group's ||(W - Q)X||^2 and ||WX||^2, up to the same factor, from H = 2XX^T/N.
-
-    Args:
-        W: original weights (G, R, C); Q: quantized weights (G, R, C); H: (G, C, C).
-
-    Returns:
-        (num, den): NumPy float64 arrays of shape (G,).
-    """
-    G = W.shape[0]
-    D = W - Q
-    num = ((D @ H) * D).reshape(G, -1).sum(axis=1)   # one-axis sums: CuPy's two-axis ones are slow
-    den = ((W @ H) * W).reshape(G, -1).sum(axis=1)
-    return to_numpy(num).astype(np.float64), to_numpy(den).astype(np.float64)
+def weighted_norms(D, H, xp) -> np.ndarray:
+    """Each group's sum of d^T H d over the rows d of D (G, R, C): ||D X||^2 up to the factor
+    2/N of H = 2XX^T/N. Returns a NumPy float64 array (G,)."""
+    G = D.shape[0]
+    # One sum over a flattened axis: CuPy's reductions over two axes are slow.
+    return to_numpy(((D @ H) * D).reshape(G, -1).sum(axis=1)).astype(np.float64)
 
 
 def relative_error(num, den) -> float:
@@ -263,7 +254,7 @@ def layer_error(W, Q, H, xp):
     Returns:
         A Python float (0.0 for a layer whose output is identically zero).
     """
-    return relative_error(*group_errors(W, Q, H, xp))
+    return relative_error(weighted_norms(W - Q, H, xp), weighted_norms(W, H, xp))
 
 
 def permute_columns(A, perm, xp):
