@@ -200,3 +200,21 @@ def test_products_reuse_one_buffer_across_shapes():
         if shape == (1, 2, 9):
             assert np.shares_memory(got, first)
         first = got
+
+
+def test_on_numpy_the_capture_takes_turns_with_onnxruntime_and_its_threads_do_not_spin(tmp_path, monkeypatch):
+    """NumPy's BLAS and onnxruntime share the cores: no batch runs ahead, no thread spins."""
+    import onnxobq.capture as capture
+
+    depths, spins = [], []
+    real_prefetch, real_options = capture.prefetch, capture.session_options
+    monkeypatch.setattr(capture, "prefetch", lambda items, depth=1: depths.append(depth) or real_prefetch(items, depth))
+    monkeypatch.setattr(capture, "session_options",
+                        lambda spin=True: spins.append(spin) or real_options(spin))
+    model = builders.conv_stack()
+    np.savez(tmp_path / "c.npz", x=np.ones((4, 3, 12, 12), np.float32))
+    capture_hessians(model, scan_layers(gs.import_onnx(model)).layers,
+                     CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+    assert depths == [0] and spins == [False]
+    opts = real_options(spin=False)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
