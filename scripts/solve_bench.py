@@ -25,6 +25,7 @@ Examples::
     python scripts/solve_bench.py --device cuda --cols 256,512,1024,2048,4096,8192 --rows 256,1024,4096
     python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq,obq
     python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq --stacked
+    python scripts/solve_bench.py --device cpu --model paraphrase-MiniLM-L3-v2.onnx --methods fastobq,obq
 """
 from __future__ import annotations
 
@@ -107,11 +108,20 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
 
 def resnet50_layers() -> list:
     """The layers of the speed benchmark's random ResNet-50."""
-    import onnx_graphsurgeon as gs
-    from onnxobq.graph import scan_layers
     from speed_bench import resnet50
 
-    return scan_layers(gs.import_onnx(resnet50(0))).layers
+    return model_layers(resnet50(0))
+
+
+def model_layers(model) -> list:
+    """The layers onnxobq quantize finds in ``model`` (a ModelProto or a path)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from onnxobq.graph import scan_layers
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(model, load_external_data=False)   # only the shapes are needed
+    return scan_layers(gs.import_onnx(model)).layers
 
 
 def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int) -> tuple[dict, int]:
@@ -139,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--cols", default="256,512,1024")
     p.add_argument("--rows", default="256,1024")
     p.add_argument("--resnet50", action="store_true", help="time every ResNet-50 layer shape instead")
-    p.add_argument("--layers", help="with --resnet50: only these comma-separated layers (e.g. n143,n155)")
+    p.add_argument("--model", type=Path, help="time every layer shape of this ONNX model instead")
+    p.add_argument("--layers", help="with --resnet50 or --model: only these comma-separated layers (e.g. n143,n155)")
     p.add_argument("--stacked", action="store_true",
                    help="with --resnet50: also time the layers in the stacks onnxobq quantize solves them in "
                         "on a GPU (same-shaped small layers together; exact OBQ is left out)")
@@ -155,8 +166,8 @@ def main(argv=None) -> int:
     dtype = args.precision or ("float32" if args.device == "cuda" else "float64")
     methods = args.methods.split(",")
     layers = []
-    if args.resnet50:
-        layers = resnet50_layers()
+    if args.resnet50 or args.model:
+        layers = resnet50_layers() if args.resnet50 else model_layers(args.model)
         if args.layers:
             wanted = set(args.layers.split(","))
             layers = [l for l in layers if l.name in wanted]
