@@ -211,8 +211,23 @@ def upper_inverse_factor(A, xp):
     Returns:
         (U, ok): U (G, C, C), the identity where the factorisation failed; ok (G,).
     """
-    M, ok = cholesky(xp.ascontiguousarray(A[:, ::-1, ::-1]), xp)
-    return xp.ascontiguousarray(lower_inverse(M, xp)[:, ::-1, ::-1]), ok
+    M, ok = cholesky(_reversed(A, xp), xp)
+    return _reversed(lower_inverse(M, xp), xp), ok
+
+
+def damped_upper_inverse_factor(H, damp: Damping, xp):
+    """upper_inverse_factor of H + lam I, with lam raised where the factorisation fails.
+
+    Returns:
+        (U, lam, ok) as :func:`damped_cholesky`: U is the identity where every try failed.
+    """
+    M, lam, ok = damped_cholesky(_reversed(H, xp), damp, xp)   # J (H + lam I) J = J H J + lam I
+    return _reversed(lower_inverse(M, xp), xp), lam, ok
+
+
+def _reversed(A, xp):
+    """J A J for a stack (G, C, C): rows and columns in reverse order."""
+    return xp.ascontiguousarray(A[:, ::-1, ::-1])
 
 
 def fix_dead_columns(H, xp):

@@ -11,8 +11,9 @@ instead of recomputing them (GPTQ's form):
     W[:, k:] -= err (x) U[k, k:]                    (Eqn. 12 with Eqn. 13 folded in)
 
 U comes from one Cholesky factorisation of the permuted, damped H and a triangular
-inverse (``common.upper_inverse_factor``); H^-1 itself is never formed. The sensitivity
-order needs only diag(H^-1), which the triangular inverse of H's own factor gives.
+inverse (``common.damped_upper_inverse_factor``); H^-1 itself is never formed. The
+sensitivity orders need only diag(H^-1), which the triangular inverse of H's own factor
+gives; the other orders factor H only once.
 
 Within a block of B columns the updates are applied column by column; the
 columns after the block receive them in one matrix product per block ("lazy
@@ -27,8 +28,8 @@ import numpy as np
 from ..backend import is_cupy, to_numpy
 from . import cuda_sweep
 from ..quant import quantize, dequantize
-from .common import (Damping, Result, damped, damped_cholesky, eye_like, fix_dead_columns,
-                     inverse_diagonal, permute_columns, permute_square, upper_inverse_factor)
+from .common import (Damping, Result, damped_cholesky, damped_upper_inverse_factor, fix_dead_columns,
+                     inverse_diagonal, permute_columns, permute_square)
 from .orders import argsort_stable, column_order, uses_inverse_diagonal
 from .registry import register
 
@@ -92,21 +93,20 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
         with U = I the sweep makes no updates, which is exactly RTN.
     """
     H = fix_dead_columns(H, xp)
-    L, lam, ok = damped_cholesky(H, damp, xp)
     s, z = grid.scale[:, :, None], grid.zero[:, :, None]
     Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
-    C = H.shape[-1]
-    idx = xp.arange(C)
-    hinv_diag = inverse_diagonal(L, xp) if uses_inverse_diagonal(order) else None
+    hinv_diag = None
+    if uses_inverse_diagonal(order):
+        L, _, _ = damped_cholesky(H, damp, xp)
+        hinv_diag = inverse_diagonal(L, xp)
     perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
-    perm = xp.where(ok[:, None], perm, idx[None, :])
-    U, ok_u = upper_inverse_factor(permute_square(damped(H, lam, xp), perm, xp), xp)
-    ok &= ok_u
-    U = xp.where(ok[:, None, None], U, eye_like(H, xp))
+    # The damping is settled on the factorisation the sweep uses: positive definiteness does
+    # not depend on the order, and the other orders then factor H only once.
+    U, lam, ok = damped_upper_inverse_factor(permute_square(H, perm, xp), damp, xp)
     sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, block, xp) else blocked_sweep
     codes = sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero, grid.qmin, grid.qmax, block, xp)
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation
-    lam = to_numpy(xp.where(ok, lam, xp.nan)).astype(np.float64)
+    lam = to_numpy(lam).astype(np.float64)           # NaN where every try failed
     return Result(dequantize(codes, s, z), codes, grid.scale, grid.zero, lam, ~to_numpy(ok))
 
 
