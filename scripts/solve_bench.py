@@ -23,7 +23,7 @@ Examples::
 
     python scripts/solve_bench.py --device cpu --cols 256,512,1024 --rows 256,1024
     python scripts/solve_bench.py --device cuda --cols 256,512,1024,2048,4096,8192 --rows 256,1024,4096
-    python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq,obq
+    python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq,obq --obq-per-shape
     python scripts/solve_bench.py --device cuda --resnet50 --methods fastobq,gptq --stacked
     python scripts/solve_bench.py --device cpu --model paraphrase-MiniLM-L3-v2.onnx --methods fastobq,obq
 """
@@ -46,9 +46,9 @@ def problem(G: int, R: int, C: int, xp, dtype, seed: int = 0):
     rs = xp.random.RandomState(seed)
     W = rs.standard_normal((G, R, C)).astype(dtype)
     Z = rs.standard_normal((G, C, 2 * C)).astype(dtype)
-    mix = xp.eye(C, dtype=dtype) + 0.3 * rs.standard_normal((C, C)).astype(dtype) / np.sqrt(C)
+    mix = (xp.eye(C) + 0.3 * rs.standard_normal((C, C)) / np.sqrt(C)).astype(dtype)
     Z = mix @ Z
-    H = 2 * Z @ xp.swapaxes(Z, 1, 2) / (2 * C)
+    H = (Z @ xp.swapaxes(Z, 1, 2) / C).astype(dtype)    # 2 Z Z^T / N with N = 2C samples
     return W, H
 
 
@@ -158,6 +158,9 @@ def main(argv=None) -> int:
                    help="default: float64 on the CPU, float32 on the GPU (as onnxobq quantize)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--obq-rows", type=int, default=32, help="rows exact OBQ solves before scaling (default 32)")
+    p.add_argument("--obq-per-shape", action="store_true",
+                   help="time exact OBQ once per layer shape (G, R, C) and count that time for every "
+                        "layer of the shape (its work does not depend on the values)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -180,17 +183,24 @@ def main(argv=None) -> int:
         device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     print(f"device {device}, {dtype}, best of {args.repeat}")
     print(f"{'problem':>22} {'G':>4} {'R':>5} {'C':>5} " + " ".join(f"{m + ' s':>12} {'GF/s':>7}" for m in methods))
-    records, totals = [], {m: 0.0 for m in methods}
+    records, totals, per_shape = [], {m: 0.0 for m in methods}, {}
     for name, G, R, C in shapes:
         W, H = problem(G, R, C, xp, dtype)
         cells = []
         for m in methods:
-            scaled, rows = time_solve(m, W, H, xp, args.repeat, args.obq_rows)
+            reused = m == "obq" and args.obq_per_shape and (G, R, C) in per_shape
+            if not reused:
+                per_shape[m, G, R, C] = time_solve(m, W, H, xp, args.repeat, args.obq_rows)
+                if m == "obq":
+                    per_shape[G, R, C] = True
+            scaled, rows = per_shape[m, G, R, C]
             totals[m] += scaled
             gf = nominal_flops(m, G, R, C) / scaled / 1e9 if scaled > 0 else 0.0
-            cells.append(f"{scaled:>11.4f}{'*' if rows < R else ' '} {gf:>7.1f}")
+            mark = "=" if reused else ("*" if rows < R else " ")
+            cells.append(f"{scaled:>11.4f}{mark} {gf:>7.1f}")
             records.append(dict(problem=name, G=G, R=R, C=C, method=m, seconds=scaled, solved_rows=rows,
-                                extrapolated=rows < R, nominal_tflops=nominal_flops(m, G, R, C) / 1e12))
+                                extrapolated=rows < R, same_shape_as_earlier=reused,
+                                nominal_tflops=nominal_flops(m, G, R, C) / 1e12))
         print(f"{name:>22} {G:>4} {R:>5} {C:>5} " + " ".join(cells), flush=True)
         del W, H
     print("total: " + ", ".join(f"{m} {totals[m]:.3f} s" for m in methods))
@@ -206,6 +216,8 @@ def main(argv=None) -> int:
     if any(r["extrapolated"] for r in records):
         print("* exact OBQ solved only some of the rows (whole row batches, at least "
               f"{args.obq_rows}); its time is scaled by the number of row batches")
+    if any(r["same_shape_as_earlier"] for r in records):
+        print("= exact OBQ's time for an earlier layer of the same shape (--obq-per-shape)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(device=device, dtype=dtype, platform=platform.platform(),

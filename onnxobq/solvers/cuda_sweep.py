@@ -91,7 +91,7 @@ def blocked_sweep_cuda(W, U, scale, zero, qmin: int, qmax: int, block: int, xp):
     G, R, C = W.shape
     dt = W.dtype.type
     W = xp.ascontiguousarray(W).copy()
-    U = xp.ascontiguousarray(U)
+    U = xp.ascontiguousarray(U, dtype=W.dtype)       # the kernel reads both as T
     scale = xp.ascontiguousarray(scale, dtype=W.dtype)
     zero = xp.ascontiguousarray(zero, dtype=W.dtype)
     codes = xp.empty_like(W)
