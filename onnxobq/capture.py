@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .backend import Uploader, host_buffer, is_cupy
+from .backend import Uploader, is_cupy
 from .calibration import CalibConfig, InputSpec, batches
 from .errors import UserError
 from .graph.io import serialized
@@ -61,7 +61,7 @@ def session_options(spin: bool = True) -> ort.SessionOptions:
 
     Args:
         spin: let onnxruntime's idle threads spin for the next operator. Turn it off
-            where another thread shares the cores (the capture's accumulation).
+            where NumPy's BLAS shares the cores between forward passes.
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -322,63 +322,6 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         worker.join()
 
 
-class BoundOutputs:
-    """Runs the capture session with its extra outputs written into reused host buffers.
-
-    Exposed as outputs, the layer inputs come back from ``InferenceSession.run`` as fresh
-    arrays every batch. On the H100 machine's 16 cores a batch of 64 ResNet-50 images took
-    846 ms that way, 710 ms with the outputs bound (``io_binding``) to buffers reused from
-    batch to batch, and 457 ms with no extra outputs. On CuPy the buffers are page-locked,
-    so the uploads need no copy into a staging buffer (304 ms per such batch on one core).
-
-    Output shapes are learned from the first batch of each input shape, which runs
-    unbound, as does any batch whose outputs do not fit (shapes that depend on the data).
-    ``sets`` sets of buffers circulate: ``run`` takes a free one, and the caller gives
-    it back with the release function it returns once it is done with the arrays.
-    """
-
-    def __init__(self, sess: ort.InferenceSession, names: list[str], xp, sets: int = 1):
-        self.sess, self.names, self.xp = sess, names, xp
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(max(1, sets)):
-            self.free.put({})                 # output name -> host_buffer, grown on demand
-        self.shapes: dict = {}                # input shapes -> {name: (shape, dtype)}, or None
-
-    def run(self, feed: dict) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
-        """One batch's outputs by name, and the function that frees their buffers."""
-        key = tuple((name, a.shape) for name, a in feed.items())
-        layout = self.shapes.get(key)
-        if not layout:
-            acts = run(self.sess, self.names, feed)
-            self.shapes.setdefault(key, {n: (a.shape, a.dtype) for n, a in acts.items()})
-            return acts, _nothing
-        buffers = self.free.get()
-        acts = {n: self._array(buffers, n, shape, dtype) for n, (shape, dtype) in layout.items()}
-        binding = self.sess.io_binding()
-        for name, a in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(a))
-        for name, a in acts.items():
-            binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        try:
-            self.sess.run_with_iobinding(binding)
-        except Exception:                     # outputs of another shape: run this input shape unbound
-            self.free.put(buffers)
-            self.shapes[key] = None
-            return run(self.sess, self.names, feed), _nothing
-        return acts, lambda: self.free.put(buffers)
-
-    def _array(self, buffers: dict, name: str, shape: tuple, dtype) -> np.ndarray:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        if name not in buffers or buffers[name].size < nbytes:
-            buffers[name] = None                  # free the old one first
-            buffers[name] = host_buffer(self.xp, nbytes)
-        return buffers[name][:nbytes].view(dtype).reshape(shape)
-
-
-def _nothing() -> None:
-    return None
-
-
 def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
     """The layer inputs a capture session exposes as extra outputs: tensor name -> ONNX
     element type (model inputs are fed, not captured)."""
@@ -415,23 +358,20 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     for layer in layers:
         first.setdefault(layer.hessian_key, layer)
     dtypes = layer_input_outputs(model, list(first.values()))
-    # onnxruntime's idle threads do not spin: the accumulation shares the cores. On the GPU
-    # machine, 2,048 ResNet-50 images took 36.9 s to capture with spinning and 30.6 s without.
-    sess = session(model, dtypes, device, spin=False)
-    if pipeline_depth is None:
-        pipeline_depth = 1 if is_cupy(xp) else 0
-    # One buffer set in use by the accumulation, one being filled by onnxruntime.
-    outputs = BoundOutputs(sess, list(dtypes), xp, sets=pipeline_depth + 1)
+    sess = session(model, dtypes, device, spin=is_cupy(xp))
+    names = list(dtypes)
     sums = {key: HessianSum(dtype=sum_dtype) for key in first}
     samples = 0
 
     def forward():
         for feed in batches(calib, inputs):
-            acts, release = outputs.run(feed) if dtypes else ({}, _nothing)
-            yield feed, {**acts, **feed}, release
+            acts = run(sess, names, feed) if names else {}
+            yield feed, {**acts, **feed}
 
     waited = 0.0
     upload, product = Uploader(xp), Products(xp)
+    if pipeline_depth is None:
+        pipeline_depth = 1 if is_cupy(xp) else 0
     with contextlib.closing(prefetch(forward(), pipeline_depth)) as items:
         while True:
             start = time.perf_counter()
@@ -439,12 +379,9 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             waited += time.perf_counter() - start
             if item is None:
                 break
-            feed, acts, release = item
-            try:
-                for key, layer in first.items():
-                    accumulate(layer, acts[layer.input], sums[key], xp, upload, product)
-            finally:
-                release()                   # else onnxruntime's thread could wait for it forever
+            feed, acts = item
+            for key, layer in first.items():
+                accumulate(layer, acts[layer.input], sums[key], xp, upload, product)
             n = next(iter(feed.values())).shape[0]
             samples += n
             if on_batch:

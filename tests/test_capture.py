@@ -2,13 +2,11 @@ import itertools
 import time
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
 from onnxobq.calibration import CalibConfig
-from onnxobq.capture import (BoundOutputs, HessianSum, Products, capture_hessians, conv_pads, layer_columns,
-                             session)
+from onnxobq.capture import HessianSum, Products, capture_hessians, conv_pads, layer_columns
 from onnxobq.graph import scan_layers
 from onnxobq.graph.layers import ConvGeometry, Layer
 
@@ -130,46 +128,6 @@ def test_pipelined_capture_gives_the_plain_hessians(tmp_path):
     assert plain.rows == piped.rows and plain.samples == piped.samples == 9
     for key, H in plain.hessians.items():
         np.testing.assert_array_equal(piped.hessians[key], H)
-
-
-def test_bound_outputs_reuse_their_buffers_and_equal_a_plain_run():
-    """After the first batch of an input shape, the outputs come in the set's reused buffers
-    (grown once for a larger shape), with the values a plain run gives."""
-    model = builders.conv_stack()
-    names = ["r1", "r2", "f"]
-    sess = session(model, {n: onnx.TensorProto.FLOAT for n in names})
-    outputs = BoundOutputs(sess, names, np, sets=1)
-    r = np.random.default_rng(7)
-    held, bound = [], []
-    for n in (2, 2, 2, 3, 3, 2):
-        feed = {"x": r.standard_normal((n, 3, 12, 12)).astype(np.float32)}
-        acts, release = outputs.run(feed)
-        want = dict(zip(names, sess.run(names, feed)))
-        for name in names:
-            np.testing.assert_array_equal(acts[name], want[name])
-        release()
-        buffers = outputs.free.queue[0]               # the one set, back in the queue
-        held.append(buffers.get("r1"))
-        bound.append(held[-1] is not None and np.shares_memory(acts["r1"], held[-1]))
-    assert bound == [False, True, True, False, True, True]
-    assert held[1] is held[2] and held[4] is held[5] and held[4].nbytes >= 3 * 8 * 12 * 12 * 4
-    assert set(outputs.shapes) == {(("x", (2, 3, 12, 12)),), (("x", (3, 3, 12, 12)),)}
-
-
-def test_bound_outputs_fall_back_where_output_shapes_depend_on_the_data():
-    """NonZero's output shape changes with the values: binding fails once, then that input
-    shape runs unbound, with the right values every time."""
-    model = builders.make_model([onnx.helper.make_node("NonZero", ["x"], ["nz"])],
-                                [builders.fvi("x", [4])],
-                                [onnx.helper.make_tensor_value_info("nz", onnx.TensorProto.INT64, [1, None])])
-    sess = session(model, {})
-    outputs = BoundOutputs(sess, ["nz"], np)
-    for x in ([1, 0, 2, 0], [1, 1, 0, 3], [0, 0, 0, 5]):
-        feed = {"x": np.array(x, np.float32)}
-        acts, release = outputs.run(feed)
-        np.testing.assert_array_equal(acts["nz"], np.nonzero(feed["x"])[0][None])
-        release()
-    assert outputs.shapes[(("x", (4,)),)] is None
 
 
 def test_capture_counts_the_time_it_waits_for_the_forward_passes(tmp_path, monkeypatch):

