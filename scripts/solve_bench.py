@@ -196,11 +196,9 @@ def main(argv=None) -> int:
         W, H = problem(G, R, C, xp, dtype)
         cells = []
         for m in methods:
-            reused = m == "obq" and args.obq_per_shape and (G, R, C) in per_shape
+            reused = m == "obq" and args.obq_per_shape and (m, G, R, C) in per_shape
             if not reused:
                 per_shape[m, G, R, C] = time_solve(m, W, H, xp, args.repeat, args.obq_rows)
-                if m == "obq":
-                    per_shape[G, R, C] = True
             scaled, rows = per_shape[m, G, R, C]
             totals[m] += scaled
             gf = nominal_flops(m, G, R, C) / scaled / 1e9 if scaled > 0 else 0.0
