@@ -5,6 +5,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
+from onnxobq import capture
 from onnxobq.calibration import CalibConfig
 from onnxobq.capture import HessianSum, Products, capture_hessians, conv_pads, layer_columns
 from onnxobq.graph import scan_layers
@@ -128,6 +129,29 @@ def test_pipelined_capture_gives_the_plain_hessians(tmp_path):
     assert plain.rows == piped.rows and plain.samples == piped.samples == 9
     for key, H in plain.hessians.items():
         np.testing.assert_array_equal(piped.hessians[key], H)
+
+
+def test_grouped_convs_unfolded_a_few_groups_at_a_time_give_the_same_hessians(tmp_path, monkeypatch):
+    """On NumPy a grouped conv goes through accumulate a few groups at a time (here one, and
+    three): the depthwise and the grouped conv of conv_stack get the Hessians and row counts
+    of the whole-layer path."""
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    x = np.random.default_rng(11).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
+    monkeypatch.setattr(capture, "GROUP_CHUNK_ELEMENTS", 1 << 40)
+    whole = capture_hessians(model, layers, calib, np)
+    grouped = [l for l in layers if l.groups > 1]
+    assert sorted(l.groups for l in grouped) == [2, 8]
+    dw = next(l for l in grouped if l.groups == 8)
+    for elements in (1, 3 * 9 * 2 * 144):          # one group at a time; depthwise 3, 3, 2 (and 6, 2)
+        monkeypatch.setattr(capture, "GROUP_CHUNK_ELEMENTS", elements)
+        assert capture.groups_at_once(dw, np.zeros((2, 8, 12, 12), np.float32), np) == (1 if elements == 1 else 3)
+        parts = capture_hessians(model, layers, calib, np)
+        assert parts.rows == whole.rows
+        for key, H in whole.hessians.items():
+            np.testing.assert_allclose(parts.hessians[key], H, rtol=1e-6, atol=1e-7)
 
 
 def test_capture_counts_the_time_it_waits_for_the_forward_passes(tmp_path, monkeypatch):
