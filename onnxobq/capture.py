@@ -246,13 +246,10 @@ class HessianSum:
         first, total = groups or (0, P.shape[0])
         with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs are reported by the solve stage
             part = product(P)
-            if self.sum is None and groups is None:
-                self.sum = part.astype(self.dtype)
-            else:
-                if self.sum is None:
-                    self.sum = xp.zeros((total,) + part.shape[1:], self.dtype)
-                target = self.sum[first:first + part.shape[0]]
-                xp.add(target, part, out=target)       # in place: no float64 copy per batch
+            if self.sum is None:
+                self.sum = xp.zeros((total,) + part.shape[1:], self.dtype)
+            target = self.sum[first:first + part.shape[0]]
+            xp.add(target, part, out=target)           # in place: no float64 copy per batch
         if first == 0:
             self.count += P.shape[2]
 

@@ -211,12 +211,13 @@ def upper_inverse_factor(A, xp):
     Returns:
         (U, ok): U (G, C, C), the identity where the factorisation failed; ok (G,).
     """
-    M, ok = cholesky(_reversed(A, xp), xp)
-    return _reversed(lower_inverse(M, xp), xp), ok
+    U, _, ok = damped_upper_inverse_factor(A, Damping(0.0, relative=False, retries=0), xp)
+    return U, ok
 
 
 def damped_upper_inverse_factor(H, damp: Damping, xp):
     """upper_inverse_factor of H + lam I, with lam raised where the factorisation fails.
+    This is the one the sweep uses; upper_inverse_factor is it with no damping.
 
     Returns:
         (U, lam, ok) as :func:`damped_cholesky`: U is the identity where every try failed.
