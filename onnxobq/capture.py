@@ -230,11 +230,17 @@ class HessianSum:
 
     NumPy computes ``P @ P.T`` with a symmetric rank-k update (half a general product),
     so the product is left to it; each batch's float32 product is added in place.
+    Where a batch brings few samples for its features (a batch-1 model's deep layers),
+    up to ``gather`` sample columns wait in a buffer and are multiplied together: see
+    gather_columns.
     """
 
     sum: object = None
     count: int = 0
     dtype: str = "float64"
+    gather: int = 0
+    _waiting: object = None
+    _held: int = 0
 
     def add(self, P, xp, product: Products, groups: tuple[int, int] | None = None) -> None:
         """Add one batch given as P = X^T of each group (G, C, M).
@@ -242,22 +248,58 @@ class HessianSum:
         Args:
             groups: (first, total) where P holds only the groups first, first + 1, ... of
                 ``total``; its samples are counted with the part that starts at group 0.
+                Such parts are never held back.
         """
         first, total = groups or (0, P.shape[0])
+        if first == 0:
+            self.count += P.shape[2]
+        m = P.shape[2]
+        if groups is not None or m >= self.gather:
+            self._multiply(P, xp, product, first, total)
+            return
+        if self._held + m > self.gather:
+            self.flush(xp, product)
+        if self._waiting is None:
+            self._waiting = xp.empty(P.shape[:2] + (self.gather,), np.float32)
+        self._waiting[:, :, self._held:self._held + m] = P
+        self._held += m
+
+    def flush(self, xp, product: Products) -> None:
+        """Multiply the sample columns held back so far into the sum."""
+        if self._held:
+            self._multiply(self._waiting[:, :, :self._held], xp, product, 0, self._waiting.shape[0])
+            self._held = 0
+
+    def _multiply(self, P, xp, product: Products, first: int, total: int) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs are reported by the solve stage
             part = product(P)
             if self.sum is None:
                 self.sum = xp.zeros((total,) + part.shape[1:], self.dtype)
             target = self.sum[first:first + part.shape[0]]
             xp.add(target, part, out=target)           # in place: no float64 copy per batch
-        if first == 0:
-            self.count += P.shape[2]
 
-    def hessian(self, xp):
-        """H = 2 X X^T / N, in the sum's dtype. Scales the running sum in place and hands it over."""
+    def hessian(self, xp, product: Products | None = None):
+        """H = 2 X X^T / N, in the sum's dtype. Multiplies what is held back (with ``product``),
+        then scales the running sum in place and hands it over."""
+        self.flush(xp, product or Products(xp))
+        self._waiting = None
         H, self.sum = self.sum, None
         H *= 2.0 / max(self.count, 1)
         return H
+
+
+# On NumPy, a layer whose batches bring fewer than twice as many samples as it has features
+# multiplies its samples in gathers of 2 * d_col (at most GATHER_ELEMENTS floats held per
+# layer): its P P^T with few columns runs far below BLAS's speed, and each such product is
+# added in float64 to a C x C sum.
+GATHER_ELEMENTS = 1 << 24
+
+
+def gather_columns(layer: Layer, xp) -> int:
+    """How many sample columns a layer's HessianSum holds back before multiplying (0: none)."""
+    if is_cupy(xp):
+        return 0
+    return min(2 * layer.cols, GATHER_ELEMENTS // (layer.groups * layer.cols))
 
 
 def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploader,
@@ -400,7 +442,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     dtypes = layer_input_outputs(model, list(first.values()))
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
-    sums = {key: HessianSum(dtype=sum_dtype) for key in first}
+    sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(layer, xp)) for key, layer in first.items()}
     samples = 0
 
     def forward():
@@ -429,5 +471,5 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
-    return Captured({key: s.hessian(xp) for key, s in sums.items()},
+    return Captured({key: s.hessian(xp, product) for key, s in sums.items()},
                     {key: s.count for key, s in sums.items()}, samples, waited)

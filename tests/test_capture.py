@@ -211,6 +211,37 @@ def test_hessian_sum_over_batches_equals_the_full_product():
     np.testing.assert_array_equal(H, H.transpose(0, 2, 1))
 
 
+def test_held_back_samples_are_multiplied_in_gathers_and_all_counted():
+    """With ``gather``, batches with fewer columns wait and are multiplied together; batches with
+    more go straight in; hessian() multiplies what is still held. The result is the full product."""
+    r = np.random.default_rng(10)
+    X = r.standard_normal((2, 40, 200)).astype(np.float32)          # (G, C, M)
+    calls = []
+
+    class Counting(Products):
+        def __call__(self, P):
+            calls.append(P.shape[2])
+            return super().__call__(P)
+
+    acc, product = HessianSum(gather=64), Counting(np)
+    for part in np.split(X, [20, 50, 60, 150, 170], axis=2):        # 20, 30, 10, 90, 20, 30 columns
+        acc.add(np.ascontiguousarray(part), np, product)
+    assert calls == [90, 60] and acc.count == 200     # 90 straight in; 20+30+10 held until 20 more came
+    H = acc.hessian(np, product)
+    assert calls == [90, 60, 50]                       # the last 20 + 30, held until the end
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 200, rtol=1e-5, atol=1e-4)
+
+
+def test_gather_columns_is_twice_the_features_within_the_held_memory_cap(monkeypatch):
+    import onnxobq.capture as capture
+
+    layer = conv_layer(wshape=(8, 16, 3, 3))                          # C = 144
+    assert capture.gather_columns(layer, np) == 288
+    monkeypatch.setattr(capture, "GATHER_ELEMENTS", 144 * 100)
+    assert capture.gather_columns(layer, np) == 100
+
+
 def test_products_reuse_one_buffer_across_shapes():
     """Each product equals P P^T whatever came before it (a smaller, then a larger, shape),
     and a product of the same size or smaller lands in the same buffer."""
