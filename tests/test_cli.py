@@ -201,3 +201,17 @@ def test_bundled_model_fastobq_beats_rtn(capsys, tmp_path):
         code, text, err = cli(capsys, "compare", model, out, "--calib", held_out, "--json")
         sqnr[method] = json.loads(text)[0]["sqnr_db"]
     assert sqnr["fastobq"] > sqnr["rtn"] + 3
+
+
+@pytest.mark.parametrize("preset, expect", [(None, "4"), ("20", "20")])
+def test_importing_the_package_lets_idle_openblas_threads_sleep_unless_the_user_said_otherwise(preset, expect):
+    """Set before NumPy loads, so it must come from ``import onnxobq`` itself."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = "import os, onnxobq, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expect
