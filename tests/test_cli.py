@@ -203,7 +203,7 @@ def test_bundled_model_fastobq_beats_rtn(capsys, tmp_path):
     assert sqnr["fastobq"] > sqnr["rtn"] + 3
 
 
-@pytest.mark.parametrize("preset, expect", [(None, "4"), ("20", "20")])
+@pytest.mark.parametrize("preset, expect", [(None, "20"), ("28", "28")])
 def test_importing_the_package_lets_idle_openblas_threads_sleep_unless_the_user_said_otherwise(preset, expect):
     """Set before NumPy loads, so it must come from ``import onnxobq`` itself."""
     import subprocess
