@@ -248,13 +248,13 @@ class HessianSum:
         Args:
             groups: (first, total) where P holds only the groups first, first + 1, ... of
                 ``total``; its samples are counted with the part that starts at group 0.
-                Such parts are never held back.
+                Such parts are never held back, nor is a batch of more than gather / 2 samples.
         """
         first, total = groups or (0, P.shape[0])
         if first == 0:
             self.count += P.shape[2]
         m = P.shape[2]
-        if groups is not None or m >= self.gather:
+        if groups is not None or 2 * m > self.gather:    # would not share a gather with another batch
             self._multiply(P, xp, product, first, total)
             return
         if self._held + m > self.gather:

@@ -233,6 +233,15 @@ def test_held_back_samples_are_multiplied_in_gathers_and_all_counted():
     np.testing.assert_allclose(H, 2 * X64 @ X64.transpose(0, 2, 1) / 200, rtol=1e-5, atol=1e-4)
 
 
+def test_a_batch_that_cannot_share_a_gather_is_multiplied_at_once_not_copied():
+    r = np.random.default_rng(11)
+    P = r.standard_normal((1, 8, 40)).astype(np.float32)
+    acc = HessianSum(gather=64)                                    # two batches of 40 never fit
+    acc.add(P, np, Products(np))
+    assert acc._held == 0 and acc.count == 40
+    np.testing.assert_allclose(acc.sum[0], P[0].astype(np.float64) @ P[0].T.astype(np.float64), rtol=1e-5)
+
+
 def test_gather_columns_is_twice_the_features_within_the_held_memory_cap(monkeypatch):
     import onnxobq.capture as capture
 
