@@ -282,3 +282,84 @@ def test_on_numpy_the_capture_takes_turns_with_onnxruntime_and_its_threads_do_no
     assert depths == [0] and spins == [False]
     opts = real_options(spin=False)
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+SHIFTED = [
+    dict(xshape=(2, 3, 9, 10), wshape=(4, 3, 3, 3), pads=[1, 1, 1, 1]),
+    dict(xshape=(1, 2, 11, 9), wshape=(4, 2, 5, 3), pads=[2, 0, 1, 3], dilations=[2, 1]),
+    dict(xshape=(2, 2, 7, 8), wshape=(3, 2, 1, 3), auto_pad="SAME_LOWER"),
+    dict(xshape=(1, 3, 8, 8), wshape=(3, 3, 3, 3), auto_pad="VALID"),
+    dict(xshape=(1, 2, 6, 7), wshape=(2, 2, 3, 2), pads=[4, 3, 0, 5]),     # pads wider than the kernel
+    dict(xshape=(3, 2, 5, 6), wshape=(2, 2, 2, 2), auto_pad="SAME_UPPER"),
+]
+
+
+@pytest.mark.parametrize("case", SHIFTED, ids=lambda c: "x".join(map(str, c["wshape"])) + "-" + str(c.get("auto_pad", c.get("pads"))))
+def test_shifted_products_give_the_brute_force_hessian(case):
+    """A stride-1 conv's sum built from shifted products equals the sum over every patch, and
+    counts every output position."""
+    case = dict(case)
+    x = np.random.default_rng(12).standard_normal(case.pop("xshape")).astype(np.float32)
+    layer = conv_layer(**case)
+    acc, product = HessianSum(), Products(np)
+    capture._add_shifted(layer, x, acc, product)
+    assert acc.count == x.shape[0] * np.prod(capture.conv_outputs(layer.conv, x.shape[2:]))
+    H = acc.hessian(np, product)
+    np.testing.assert_allclose(H, 2 * brute_force_conv_hessian(x, layer) / acc.count, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shifted_first", [True, False])
+def test_shifted_and_unfolded_batches_add_into_one_sum(shifted_first):
+    """A layer whose batches go some through shifted products (the sum kernel-major) and some
+    through im2col, held back in a gather or not, still gets the brute-force Hessian."""
+    r = np.random.default_rng(13)
+    layer = conv_layer(wshape=(4, 3, 3, 3), pads=[1, 1, 1, 1])
+    batches = [r.standard_normal((n, 3, 6, 5)).astype(np.float32) for n in (2, 1, 3)]
+    acc, product = HessianSum(gather=60), Products(np)                 # 30 columns a sample: held
+    for i, x in enumerate(batches):
+        if (i % 2 == 0) == shifted_first:
+            capture._add_shifted(layer, x, acc, product)
+        else:
+            acc.add(layer_columns(layer, x, np), np, product)
+    H = acc.hessian(np, product)
+    x = np.concatenate(batches)
+    assert acc.count == 6 * 30
+    np.testing.assert_allclose(H, 2 * brute_force_conv_hessian(x, layer) / 180, rtol=1e-4, atol=1e-5)
+
+
+def test_shifts_pay_only_for_wide_stride_1_2d_convs_with_one_group():
+    """The rule's known answers: a 3 x 3 conv of 96 channels at 52 x 52 (13 products of 96 x 96
+    and a ring of 212 positions against 81 blocks over 2,704) yes; at 7 x 7 no; strided,
+    grouped, pointwise or 1-D never."""
+    wide = np.zeros((1, 96, 52, 52), np.float32)
+    assert capture.shifts_pay(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]), wide, np)
+    assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]), wide[:, :, :7, :7], np)
+    assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]), wide, np)
+    assert not capture.shifts_pay(conv_layer((96, 48, 3, 3), groups=2, pads=[1, 1, 1, 1]), wide, np)
+    assert not capture.shifts_pay(conv_layer((96, 96, 1, 1)), wide, np)
+    assert not capture.shifts_pay(conv_layer((96, 96, 3), pads=[1, 1]), wide[:, :, 0], np)
+    assert capture.ring_bounds(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]).conv, (52, 52)) == [(0, 1, 53, 54)] * 2
+
+
+def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, monkeypatch):
+    """With every stride-1 conv of conv_stack sent through shifted products, capture_hessians
+    gives the Hessians and row counts of im2col alone, and the brute-force one of the first conv."""
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    x = np.random.default_rng(14).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
+    monkeypatch.setattr(capture, "SHIFT_COST", 0.0)
+    unfolded = capture_hessians(model, layers, calib, np)
+    used = []
+    real = capture._add_shifted
+    monkeypatch.setattr(capture, "_add_shifted", lambda layer, *a: used.append(layer.name) or real(layer, *a))
+    monkeypatch.setattr(capture, "SHIFT_COST", 1e9)
+    shifted = capture_hessians(model, layers, calib, np)
+    assert used and layers[0].name in used
+    assert shifted.rows == unfolded.rows
+    for key, H in unfolded.hessians.items():
+        np.testing.assert_allclose(shifted.hessians[key], H, rtol=1e-5, atol=1e-6)
+    first = layers[0]
+    np.testing.assert_allclose(shifted.hessians[first.hessian_key],
+                               2 * brute_force_conv_hessian(x, first) / (5 * 144), rtol=1e-4, atol=1e-5)
