@@ -438,7 +438,7 @@ def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploade
     stride-1 2-D conv, through shifted products where they pay: see shifts_pay)."""
     a = upload(a, np.float32)
     per = groups_at_once(layer, a, xp)
-    shifted = shifts_pay(layer, a, xp)
+    shifted = shifts_pay(layer, a, xp, acc.gather)
     copies = 1 if layer.conv is None else len(kernel_shifts(layer.conv.kernel)) if shifted else math.prod(layer.conv.kernel)
     per_sample = max(1, a[:1].size * per // layer.groups * copies)
     step = max(1, UNFOLD_ELEMENTS // per_sample) if layer.op != "Gemm" else a.shape[0]
@@ -465,25 +465,31 @@ def _add_shifted(layer: Layer, x: np.ndarray, acc: HessianSum, product: Products
 
 
 # On NumPy, a stride-1 2-D conv (one group) builds its product from shifted products where their
-# multiply-adds, ring included, are at most SHIFT_COST of im2col's product (which, symmetric, needs
-# half of its blocks): their general products run faster than im2col's symmetric one. On 2 cores,
-# 3 x 3 convs at ratios 0.34 to 0.48 took 0.57 to 0.90 of im2col's time (96 channels at 52 x 52:
-# 9.4 ms instead of 18.2); at 0.65 (192 channels at 13 x 13) 1.09, at 0.97 (512 at 7 x 7) 1.55.
-SHIFT_COST = 0.6
+# cost is at most SHIFT_COST of im2col's. Costs count multiply-adds (im2col's symmetric product
+# needs half of its blocks) plus ADD_COST per element of each float64 add of a product to the
+# sum, which im2col's held-back batches share (see gather_columns). On 2 cores, 3 x 3 convs
+# with cost ratios 0.34 to 0.62 took 0.57 to 0.90 of im2col's time (96 channels at 52 x 52, one
+# image: 9.4 ms instead of 18.2); at 0.69 to 0.72 (256 channels at 14 x 14, 192 at 13 x 13,
+# batches of 8) 0.87 to 0.99; at 1.02 (192 at 16 x 16, one image) 1.65.
+SHIFT_COST = 0.65
+ADD_COST = 60          # a float64 add took 0.8 ns per element, a large GEMM 0.013 ns per multiply-add
 
 
-def shifts_pay(layer: Layer, a, xp) -> bool:
-    """Whether ``accumulate`` adds this input of the layer through shifted_products."""
+def shifts_pay(layer: Layer, a, xp, gather: int = 0) -> bool:
+    """Whether ``accumulate`` adds this input of the layer through shifted_products, where
+    im2col's columns would be held back in gathers of ``gather``."""
     g = layer.conv
     if (is_cupy(xp) or g is None or layer.groups != 1 or len(g.kernel) != 2 or a.ndim != 4
             or any(s != 1 for s in g.strides) or math.prod(g.kernel) == 1):
         return False
-    C, spatial = a.shape[1], a.shape[2:]
+    N, C, spatial = a.shape[0], a.shape[1], a.shape[2:]
     K, S = math.prod(g.kernel), len(kernel_shifts(g.kernel))
     bounds = ring_bounds(g, spatial)
     ring = math.prod(end - first for first, _, _, end in bounds) - math.prod(hi - lo for _, lo, hi, _ in bounds)
-    shifted = S * C * C * math.prod(spatial) + (K * C) ** 2 * ring / 2
-    return shifted <= SHIFT_COST * (K * C) ** 2 * math.prod(conv_outputs(g, spatial)) / 2
+    m = N * math.prod(conv_outputs(g, spatial))
+    shared = m / gather if 2 * m <= gather else 1.0             # im2col's share of an add
+    shifted = S * C * C * N * math.prod(spatial) + (K * C) ** 2 * (N * ring / 2 + ADD_COST)
+    return shifted <= SHIFT_COST * (K * C) ** 2 * (m / 2 + ADD_COST * shared)
 
 
 # On NumPy a grouped conv is unfolded and multiplied about this many patch elements (4 MB)

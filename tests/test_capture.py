@@ -329,16 +329,21 @@ def test_shifted_and_unfolded_batches_add_into_one_sum(shifted_first):
 
 def test_shifts_pay_only_for_wide_stride_1_2d_convs_with_one_group():
     """The rule's known answers: a 3 x 3 conv of 96 channels at 52 x 52 (13 products of 96 x 96
-    and a ring of 212 positions against 81 blocks over 2,704) yes; at 7 x 7 no; strided,
-    grouped, pointwise or 1-D never."""
+    and a ring of 212 positions against 81 blocks over 2,704) yes; at 7 x 7 no; at 20 x 20 yes
+    (cost ratio 0.64), but not where im2col's 400 columns a batch would share gathers of 1,728
+    (0.78); strided, grouped, pointwise or 1-D never."""
     wide = np.zeros((1, 96, 52, 52), np.float32)
-    assert capture.shifts_pay(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]), wide, np)
-    assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]), wide[:, :, :7, :7], np)
+    conv = conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1])
+    assert capture.shifts_pay(conv, wide, np)
+    assert not capture.shifts_pay(conv, wide[:, :, :7, :7], np)
+    assert capture.shifts_pay(conv, wide[:, :, :20, :20], np)
+    assert not capture.shifts_pay(conv, wide[:, :, :20, :20], np, gather=1728)
+    assert capture.shifts_pay(conv, wide, np, gather=1728)                 # 2,704 columns: never held
     assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]), wide, np)
     assert not capture.shifts_pay(conv_layer((96, 48, 3, 3), groups=2, pads=[1, 1, 1, 1]), wide, np)
     assert not capture.shifts_pay(conv_layer((96, 96, 1, 1)), wide, np)
     assert not capture.shifts_pay(conv_layer((96, 96, 3), pads=[1, 1]), wide[:, :, 0], np)
-    assert capture.ring_bounds(conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1]).conv, (52, 52)) == [(0, 1, 53, 54)] * 2
+    assert capture.ring_bounds(conv.conv, (52, 52)) == [(0, 1, 53, 54)] * 2
 
 
 def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, monkeypatch):
