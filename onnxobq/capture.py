@@ -260,11 +260,12 @@ def shifted_products(x, geom: ConvGeometry, stack=None):
     B = np.empty((len(shifts), C, N, H, W), np.float32) if stack is None else stack
     for s, (i, j) in enumerate(shifts):
         ph, pw = i * dh, j * dw                  # B[s] at q holds x at q + (ph, pw), else 0
-        lo, hi = max(0, -pw), W - max(0, pw)
-        B[s, :, :, max(0, H - ph):] = 0
-        B[s, :, :, :H - ph, :lo] = 0
-        B[s, :, :, :H - ph, hi:] = 0
-        B[s, :, :, :H - ph, lo:hi] = xs[:, :, ph:, lo + pw:hi + pw]
+        rows, lo, hi = max(0, H - ph), min(W, max(0, -pw)), max(0, W - max(0, pw))
+        B[s, :, :, rows:] = 0
+        B[s, :, :, :rows, :lo] = 0
+        B[s, :, :, :rows, hi:] = 0
+        if hi > lo:
+            B[s, :, :, :rows, lo:hi] = xs[:, :, ph:ph + rows, lo + pw:hi + pw]
     F = (xs.reshape(C, -1) @ B.reshape(len(shifts) * C, -1).T).reshape(C, len(shifts), C)
 
     (th, ih, jh, bh), (tw, iw, jw, bw) = ring_bounds(geom, (H, W))

@@ -291,6 +291,7 @@ SHIFTED = [
     dict(xshape=(1, 3, 8, 8), wshape=(3, 3, 3, 3), auto_pad="VALID"),
     dict(xshape=(1, 2, 6, 7), wshape=(2, 2, 3, 2), pads=[4, 3, 0, 5]),     # pads wider than the kernel
     dict(xshape=(3, 2, 5, 6), wshape=(2, 2, 2, 2), auto_pad="SAME_UPPER"),
+    dict(xshape=(1, 2, 4, 5), wshape=(2, 2, 3, 3), pads=[4, 5, 4, 5], dilations=[4, 3]),  # shifts past the input
 ]
 
 
