@@ -250,11 +250,11 @@ def shifted_products(x, geom: ConvGeometry, stack=None):
             to hold the shifted copies of x (overwritten).
 
     Returns:
-        (F, ring): F (C, S, C) with F[:, s] = F_d for d = kernel_shifts(kernel)[s]; ring
-        (K * C, R), the ring's patches with rows kernel-offset-major (k * C + c).
+        (F, ring): F (C, S, C) with F[:, s] = F_d for d = kernel_shifts(kernel)[s]; ring,
+        the ring's patches as ring_strips gives them.
     """
     N, C, H, W = x.shape
-    (kh, kw), (dh, dw) = geom.kernel, geom.dilations
+    dh, dw = geom.dilations
     shifts = kernel_shifts(geom.kernel)
     xs = np.ascontiguousarray(np.swapaxes(x, 0, 1))                # (C, N, H, W)
     B = np.empty((len(shifts), C, N, H, W), np.float32) if stack is None else stack
@@ -268,15 +268,37 @@ def shifted_products(x, geom: ConvGeometry, stack=None):
             B[s, :, :, :rows, lo:hi] = xs[:, :, ph:ph + rows, lo + pw:hi + pw]
     F = (xs.reshape(C, -1) @ B.reshape(len(shifts) * C, -1).T).reshape(C, len(shifts), C)
 
-    (th, ih, jh, bh), (tw, iw, jw, bw) = ring_bounds(geom, (H, W))
+    return F, ring_strips(x, geom)
+
+
+def ring_strips(x, geom: ConvGeometry) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+    """The ring of shifted_products as up to four strips (above, below, left, right of the
+    output positions), each with the box of kernel offsets whose patch elements can touch the
+    input there (a patch just above the output reads padding in its upper rows).
+
+    Returns:
+        [((h0, h1, w0, w1), P)]: P (A * C, R) holds the strip's R patches restricted to the
+        offsets h0..h1-1 by w0..w1-1, rows offset-major (A = (h1 - h0) * (w1 - w0)).
+    """
+    N, C, H, W = x.shape
+    (kh, kw), (dh, dw) = geom.kernel, geom.dilations
     eh, ew = dh * (kh - 1), dw * (kw - 1)
+    (th, ih, jh, bh), (tw, iw, jw, bw) = ring_bounds(geom, (H, W))
+    # offsets that reach the input from the rows before lo, and from those at hi and after
+    above, below = (-(-(eh - ih + 1) // dh), kh), (0, min(kh, (eh + H - 1 - jh) // dh + 1))
+    left, right = (-(-(ew - iw + 1) // dw), kw), (0, min(kw, (ew + W - 1 - jw) // dw + 1))
     wide = np.pad(x, [(0, 0), (0, 0), (eh, eh), (ew, ew)])
-    valid = ConvGeometry(geom.kernel, (1, 1), (0, 0, 0, 0), geom.dilations)
-    strips = [unfold(wide[:, :, r0:r1 + eh, c0:c1 + ew], valid, np).reshape(C, kh * kw, -1)
-              for r0, r1, c0, c1 in ((th, ih, tw, bw), (jh, bh, tw, bw), (ih, jh, tw, iw), (ih, jh, jw, bw))
-              if r1 > r0 and c1 > c0]
-    ring = np.concatenate(strips, axis=2).swapaxes(0, 1) if strips else np.zeros((kh * kw, C, 0), np.float32)
-    return F, np.ascontiguousarray(ring).reshape(kh * kw * C, -1)
+    strips = []
+    for (r0, r1, c0, c1), (h0, h1), (w0, w1) in (((th, ih, tw, bw), above, (0, kw)), ((jh, bh, tw, bw), below, (0, kw)),
+                                                  ((ih, jh, tw, iw), (0, kh), left), ((ih, jh, jw, bw), (0, kh), right)):
+        if r1 <= r0 or c1 <= c0 or h1 <= h0 or w1 <= w0:
+            continue
+        sub = ConvGeometry((h1 - h0, w1 - w0), (1, 1), (0, 0, 0, 0), geom.dilations)
+        window = wide[:, :, r0 + h0 * dh:r1 + (h1 - 1) * dh, c0 + w0 * dw:c1 + (w1 - 1) * dw]
+        A = (h1 - h0) * (w1 - w0)
+        P = np.ascontiguousarray(unfold(window, sub, np).reshape(C, A, -1).swapaxes(0, 1)).reshape(A * C, -1)
+        strips.append(((h0, h1, w0, w1), P))
+    return strips
 
 
 class Products:
@@ -355,7 +377,7 @@ class HessianSum:
         self._waiting[:, :, self._held:self._held + m] = P
         self._held += m
 
-    def add_shifted(self, F, ring, kernel, count: int, product: Products) -> None:
+    def add_shifted(self, F, ring, kernel, count: int) -> None:
         """Add one batch of a stride-1 2-D conv given as shifted_products(...) = (F, ring)
         over ``count`` output positions (NumPy, one group)."""
         C, K = F.shape[0], math.prod(kernel)
@@ -368,9 +390,12 @@ class HessianSum:
         offsets = list(itertools.product(*map(range, kernel)))
         pairs = np.array([[index[bh - ah, bw - aw] for bh, bw in offsets] for ah, aw in offsets])
         both = np.concatenate([F, F.transpose(2, 1, 0)], axis=1)      # F_d, then F_-d = F_d^T
+        part = both[:, pairs].transpose(1, 0, 2, 3)                     # (K, C, K, C), a view
+        boxes = part.reshape(kernel[0], kernel[1], C, kernel[0], kernel[1], C)
         with np.errstate(invalid="ignore", over="ignore"):
-            part = product(ring[None])[0].reshape(K, C, K, C)
-            np.subtract(both[:, pairs].transpose(1, 0, 2, 3), part, out=part)
+            for (h0, h1, w0, w1), P in ring:
+                box = boxes[h0:h1, w0:w1, :, h0:h1, w0:w1, :]
+                np.subtract(box, (P @ P.T).reshape(box.shape), out=box)
             blocks = self._blocks(K, C)
             np.add(blocks, part, out=blocks)
 
@@ -462,7 +487,7 @@ def _add_shifted(layer: Layer, x: np.ndarray, acc: HessianSum, product: Products
     N, C = x.shape[:2]
     stack = product.stack((len(kernel_shifts(g.kernel)), C, N) + x.shape[2:])
     F, ring = shifted_products(x, g, stack)
-    acc.add_shifted(F, ring, g.kernel, N * math.prod(conv_outputs(g, x.shape[2:])), product)
+    acc.add_shifted(F, ring, g.kernel, N * math.prod(conv_outputs(g, x.shape[2:])))
 
 
 # On NumPy, a stride-1 2-D conv (one group) builds its product from shifted products where their
