@@ -9,6 +9,7 @@ Layers that read the same tensor with the same geometry share one Hessian.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import queue
@@ -217,6 +218,18 @@ def kernel_shifts(kernel) -> list[tuple[int, int]]:
     return [(dh, dw) for dh in range(kh) for dw in range(-(kw - 1), kw) if (dh, dw) >= (0, 0)]
 
 
+@functools.lru_cache(maxsize=None)
+def shift_pairs(kernel: tuple[int, int]) -> np.ndarray:
+    """(K, K), for kernel offsets a and b (row-major): where F_{b-a} is among the 2S products
+    F_d, then F_d^T = F_{-d}, for d in kernel_shifts(kernel). Made once per kernel, read-only."""
+    shifts = kernel_shifts(kernel)
+    index = {d: s for s, d in enumerate(shifts)} | {(-i, -j): len(shifts) + s for s, (i, j) in enumerate(shifts)}
+    offsets = list(itertools.product(*map(range, kernel)))
+    pairs = np.array([[index[bh - ah, bw - aw] for bh, bw in offsets] for ah, aw in offsets])
+    pairs.setflags(write=False)
+    return pairs
+
+
 def ring_bounds(geom: ConvGeometry, spatial) -> list[tuple[int, int, int, int]]:
     """Along each axis of a stride-1 conv input, (first, lo, hi, end): the patches that
     start at first..end-1 of the input padded by (kernel - 1) * dilation on both sides
@@ -385,12 +398,8 @@ class HessianSum:
         if self.sum is None:
             self.sum = np.zeros((1, K * C, K * C), self.dtype)
             self._kernel_major = K
-        shifts = kernel_shifts(kernel)
-        index = {d: s for s, d in enumerate(shifts)} | {(-i, -j): len(shifts) + s for s, (i, j) in enumerate(shifts)}
-        offsets = list(itertools.product(*map(range, kernel)))
-        pairs = np.array([[index[bh - ah, bw - aw] for bh, bw in offsets] for ah, aw in offsets])
         both = np.concatenate([F, F.transpose(2, 1, 0)], axis=1)      # F_d, then F_-d = F_d^T
-        part = both[:, pairs].transpose(1, 0, 2, 3)                     # (K, C, K, C), a view
+        part = both[:, shift_pairs(tuple(kernel))].transpose(1, 0, 2, 3)   # (K, C, K, C), a view
         boxes = part.reshape(kernel[0], kernel[1], C, kernel[0], kernel[1], C)
         with np.errstate(invalid="ignore", over="ignore"):
             for (h0, h1, w0, w1), P in ring:
