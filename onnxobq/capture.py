@@ -284,10 +284,33 @@ def shifted_products(x, geom: ConvGeometry, stack=None):
     return F, ring_strips(x, geom)
 
 
-def ring_strips(x, geom: ConvGeometry) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+def ring_boxes(geom: ConvGeometry, spatial) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
     """The ring of shifted_products as up to four strips (above, below, left, right of the
     output positions), each with the box of kernel offsets whose patch elements can touch the
     input there (a patch just above the output reads padding in its upper rows).
+
+    Returns:
+        [((r0, r1, c0, c1), (h0, h1, w0, w1))]: the strip's patches start at rows r0..r1-1 and
+        columns c0..c1-1 of the input padded by (kernel - 1) * dilation on each side, and are
+        restricted to the kernel offsets h0..h1-1 by w0..w1-1.
+    """
+    H, W = spatial
+    (kh, kw), (dh, dw) = geom.kernel, geom.dilations
+    eh, ew = dh * (kh - 1), dw * (kw - 1)
+    (th, ih, jh, bh), (tw, iw, jw, bw) = ring_bounds(geom, spatial)
+    # offsets that reach the input from the rows before lo, and from those at hi and after
+    above, below = (-(-(eh - ih + 1) // dh), kh), (0, min(kh, (eh + H - 1 - jh) // dh + 1))
+    left, right = (-(-(ew - iw + 1) // dw), kw), (0, min(kw, (ew + W - 1 - jw) // dw + 1))
+    boxes = []
+    for (r0, r1, c0, c1), (h0, h1), (w0, w1) in (((th, ih, tw, bw), above, (0, kw)), ((jh, bh, tw, bw), below, (0, kw)),
+                                                  ((ih, jh, tw, iw), (0, kh), left), ((ih, jh, jw, bw), (0, kh), right)):
+        if r1 > r0 and c1 > c0 and h1 > h0 and w1 > w0:
+            boxes.append(((r0, r1, c0, c1), (h0, h1, w0, w1)))
+    return boxes
+
+
+def ring_strips(x, geom: ConvGeometry) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+    """The patches of ring_boxes(geom, ...) for the input x (N, C, H, W).
 
     Returns:
         [((h0, h1, w0, w1), P)]: P (A * C, R) holds the strip's R patches restricted to the
@@ -296,16 +319,9 @@ def ring_strips(x, geom: ConvGeometry) -> list[tuple[tuple[int, int, int, int], 
     N, C, H, W = x.shape
     (kh, kw), (dh, dw) = geom.kernel, geom.dilations
     eh, ew = dh * (kh - 1), dw * (kw - 1)
-    (th, ih, jh, bh), (tw, iw, jw, bw) = ring_bounds(geom, (H, W))
-    # offsets that reach the input from the rows before lo, and from those at hi and after
-    above, below = (-(-(eh - ih + 1) // dh), kh), (0, min(kh, (eh + H - 1 - jh) // dh + 1))
-    left, right = (-(-(ew - iw + 1) // dw), kw), (0, min(kw, (ew + W - 1 - jw) // dw + 1))
     wide = np.pad(x, [(0, 0), (0, 0), (eh, eh), (ew, ew)])
     strips = []
-    for (r0, r1, c0, c1), (h0, h1), (w0, w1) in (((th, ih, tw, bw), above, (0, kw)), ((jh, bh, tw, bw), below, (0, kw)),
-                                                  ((ih, jh, tw, iw), (0, kh), left), ((ih, jh, jw, bw), (0, kh), right)):
-        if r1 <= r0 or c1 <= c0 or h1 <= h0 or w1 <= w0:
-            continue
+    for (r0, r1, c0, c1), (h0, h1, w0, w1) in ring_boxes(geom, (H, W)):
         sub = ConvGeometry((h1 - h0, w1 - w0), (1, 1), (0, 0, 0, 0), geom.dilations)
         window = wide[:, :, r0 + h0 * dh:r1 + (h1 - 1) * dh, c0 + w0 * dw:c1 + (w1 - 1) * dw]
         A = (h1 - h0) * (w1 - w0)
@@ -348,6 +364,35 @@ class Products:
 
 
 @dataclass
+class Held:
+    """Sample columns held back so that they are multiplied together: P (..., m) of a fixed
+    leading shape, up to ``capacity`` columns, in one buffer made at the first put."""
+
+    capacity: int
+    buffer: object = field(default=None, repr=False)
+    count: int = 0
+
+    def fits(self, m: int) -> bool:
+        return self.count + m <= self.capacity
+
+    def put(self, P, xp) -> None:
+        if self.buffer is None:
+            self.buffer = xp.empty(P.shape[:-1] + (self.capacity,), np.float32)
+        self.buffer[..., self.count:self.count + P.shape[-1]] = P
+        self.count += P.shape[-1]
+
+    def take(self):
+        """The columns held so far (a view of the buffer, valid until the next put); empties it."""
+        out, self.count = self.buffer[..., :self.count], 0
+        return out
+
+
+# Each strip of a shifted-products ring holds back at most twice its rows' count of columns,
+# within this many floats (4 MB).
+RING_ELEMENTS = 1 << 20
+
+
+@dataclass
 class HessianSum:
     """A running sum of X^T X and its sample count; H = 2 * sum / count at the end.
 
@@ -355,18 +400,23 @@ class HessianSum:
     so the product is left to it; each batch's float32 product is added in place.
     Where a batch brings few samples for its features (a batch-1 model's deep layers),
     up to ``gather`` sample columns wait in a buffer and are multiplied together: see
-    gather_columns. A sum begun by add_shifted is held kernel-offset-major (row
-    k * C + c instead of c * K + k), where its blocks are contiguous, and put back in
-    the weight's order once, by hessian.
+    gather_columns.
+
+    Batches given by add_shifted are summed as their shifted products F_d (a seventh of
+    the sum's size for 3 x 3) and their rings' patches, held back by strip; both go into
+    the sum, held kernel-offset-major (row k * C + c instead of c * K + k, where its blocks
+    are contiguous), once, by hessian, which also puts it back in the weight's order.
     """
 
     sum: object = None
     count: int = 0
     dtype: str = "float64"
     gather: int = 0
-    _waiting: object = field(default=None, repr=False)
-    _held: int = field(default=0, repr=False)
-    _kernel_major: int = field(default=0, repr=False)     # K, where the sum is kernel-major
+    _waiting: Held | None = field(default=None, repr=False)
+    _kernel_major: int = field(default=0, repr=False)        # K, where the sum is kernel-major
+    _kernel: tuple = field(default=(), repr=False)           # the kernel of add_shifted's batches
+    _shifts: object = field(default=None, repr=False)        # sum of the F_d, (C, S, C)
+    _ring: dict = field(default_factory=dict, repr=False)    # offset box -> Held strip patches
 
     def add(self, P, xp, product: Products, groups: tuple[int, int] | None = None) -> None:
         """Add one batch given as P = X^T of each group (G, C, M).
@@ -383,14 +433,13 @@ class HessianSum:
         if groups is not None or 2 * m > self.gather:    # would not share a gather with another batch
             self._multiply(P, xp, product, first, total)
             return
-        if self._held + m > self.gather:
-            self.flush(xp, product)
         if self._waiting is None:
-            self._waiting = xp.empty(P.shape[:2] + (self.gather,), np.float32)
-        self._waiting[:, :, self._held:self._held + m] = P
-        self._held += m
+            self._waiting = Held(self.gather)
+        if not self._waiting.fits(m):
+            self.flush(xp, product)
+        self._waiting.put(P, xp)
 
-    def add_shifted(self, F, ring, kernel, count: int) -> None:
+    def add_shifted(self, F, ring, kernel, count: int, product: Products) -> None:
         """Add one batch of a stride-1 2-D conv given as shifted_products(...) = (F, ring)
         over ``count`` output positions (NumPy, one group)."""
         C, K = F.shape[0], math.prod(kernel)
@@ -398,15 +447,28 @@ class HessianSum:
         if self.sum is None:
             self.sum = np.zeros((1, K * C, K * C), self.dtype)
             self._kernel_major = K
-        both = np.concatenate([F, F.transpose(2, 1, 0)], axis=1)      # F_d, then F_-d = F_d^T
-        part = both[:, shift_pairs(tuple(kernel))].transpose(1, 0, 2, 3)   # (K, C, K, C), a view
-        boxes = part.reshape(kernel[0], kernel[1], C, kernel[0], kernel[1], C)
+        if self._shifts is None:
+            self._shifts = np.zeros(F.shape, self.dtype)
+            self._kernel = tuple(kernel)
         with np.errstate(invalid="ignore", over="ignore"):
-            for (h0, h1, w0, w1), P in ring:
-                box = boxes[h0:h1, w0:w1, :, h0:h1, w0:w1, :]
-                np.subtract(box, (P @ P.T).reshape(box.shape), out=box)
-            blocks = self._blocks(K, C)
-            np.add(blocks, part, out=blocks)
+            np.add(self._shifts, F, out=self._shifts)
+        for box, P in ring:
+            held = self._ring.setdefault(box, Held(min(2 * P.shape[0], RING_ELEMENTS // P.shape[0])))
+            if 2 * P.shape[1] > held.capacity:
+                self._subtract_ring(box, P, product)
+                continue
+            if not held.fits(P.shape[1]):
+                self._subtract_ring(box, held.take(), product)
+            held.put(P, np)
+
+    def _subtract_ring(self, box, P, product: Products) -> None:
+        (kh, kw), (h0, h1, w0, w1) = self._kernel, box
+        C = self.sum.shape[1] // (kh * kw)
+        # splitting the offset axis of the blocks' view is a view in either layout
+        blocks = self._blocks(kh * kw, C).reshape(kh, kw, C, kh, kw, C)
+        target = blocks[h0:h1, w0:w1, :, h0:h1, w0:w1, :]
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.subtract(target, product(P[None])[0].reshape(target.shape), out=target)
 
     def _blocks(self, K: int, C: int):
         """The sum of a one-group conv as (K, C, K, C) blocks by kernel offset, a view."""
@@ -417,9 +479,9 @@ class HessianSum:
 
     def flush(self, xp, product: Products) -> None:
         """Multiply the sample columns held back so far into the sum."""
-        if self._held:
-            self._multiply(self._waiting[:, :, :self._held], xp, product, 0, self._waiting.shape[0])
-            self._held = 0
+        if self._waiting is not None and self._waiting.count:
+            P = self._waiting.take()
+            self._multiply(P, xp, product, 0, P.shape[0])
 
     def _multiply(self, P, xp, product: Products, first: int, total: int) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN inputs are reported by the solve stage
@@ -435,11 +497,29 @@ class HessianSum:
             target = self.sum[first:first + part.shape[0]]
             xp.add(target, part, out=target)           # in place: no float64 copy per batch
 
+    def _expand_shifts(self, product: Products) -> None:
+        """Subtract the held ring patches and add the summed F_d into every block they make."""
+        for box, held in self._ring.items():
+            if held.count:
+                self._subtract_ring(box, held.take(), product)
+        self._ring = {}
+        if self._shifts is None:
+            return
+        F, self._shifts = self._shifts, None
+        C, K = F.shape[0], math.prod(self._kernel)
+        both = np.concatenate([F, F.transpose(2, 1, 0)], axis=1)      # F_d, then F_-d = F_d^T
+        part = both[:, shift_pairs(self._kernel)].transpose(1, 0, 2, 3)   # (K, C, K, C)
+        blocks = self._blocks(K, C)
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.add(blocks, part, out=blocks)
+
     def hessian(self, xp, product: Products | None = None):
         """H = 2 X X^T / N, in the sum's dtype. Multiplies what is held back (with ``product``),
         then scales the running sum in place and hands it over in the weight's order."""
-        self.flush(xp, product or Products(xp))
+        product = product or Products(xp)
+        self.flush(xp, product)
         self._waiting = None
+        self._expand_shifts(product)
         H, self.sum = self.sum, None
         if self._kernel_major:
             K = self._kernel_major
@@ -496,18 +576,21 @@ def _add_shifted(layer: Layer, x: np.ndarray, acc: HessianSum, product: Products
     N, C = x.shape[:2]
     stack = product.stack((len(kernel_shifts(g.kernel)), C, N) + x.shape[2:])
     F, ring = shifted_products(x, g, stack)
-    acc.add_shifted(F, ring, g.kernel, N * math.prod(conv_outputs(g, x.shape[2:])))
+    acc.add_shifted(F, ring, g.kernel, N * math.prod(conv_outputs(g, x.shape[2:])), product)
 
 
 # On NumPy, a stride-1 2-D conv (one group) builds its product from shifted products where their
 # cost is at most SHIFT_COST of im2col's. Costs count multiply-adds (im2col's symmetric product
-# needs half of its blocks) plus ADD_COST per element of each float64 add of a product to the
-# sum, which im2col's held-back batches share (see gather_columns). On 2 cores, 3 x 3 convs
-# with cost ratios 0.34 to 0.62 took 0.57 to 0.90 of im2col's time (96 channels at 52 x 52, one
-# image: 9.4 ms instead of 18.2); at 0.69 to 0.72 (256 channels at 14 x 14, 192 at 13 x 13,
-# batches of 8) 0.87 to 0.99; at 1.02 (192 at 16 x 16, one image) 1.65.
+# needs half of its blocks) plus ADD_COST per element of each float64 add of a product to a sum,
+# shared by the batches of a gather (im2col's, see gather_columns, and each ring strip's), plus
+# CALL_COST. On 2 cores (scripts/shift_bench.py), 3 x 3 convs with cost ratios 0.33 to 0.49
+# took 0.39 to 0.60 of im2col's time where that was a millisecond or more (96 channels at
+# 52 x 52, one image: 4.6 ms instead of 11.8; 512 at 7 x 7, batches of 8: 31.6 instead of
+# 52.7); at 0.74 (96 at 10 x 10) 0.79; at 0.75 to 1.16 (32 at 7 x 7 in batches of 8, 128 and
+# 96 at 7 x 7) 0.89 to 1.11, in calls of under half a millisecond.
 SHIFT_COST = 0.65
 ADD_COST = 60          # a float64 add took 0.8 ns per element, a large GEMM 0.013 ns per multiply-add
+CALL_COST = 8e6        # shifted products' fixed cost beyond im2col's: 0.09 ms a call on tiny inputs
 
 
 def shifts_pay(layer: Layer, a, xp, gather: int = 0) -> bool:
@@ -517,14 +600,22 @@ def shifts_pay(layer: Layer, a, xp, gather: int = 0) -> bool:
     if (is_cupy(xp) or g is None or layer.groups != 1 or len(g.kernel) != 2 or a.ndim != 4
             or any(s != 1 for s in g.strides) or math.prod(g.kernel) == 1):
         return False
-    N, C, spatial = a.shape[0], a.shape[1], a.shape[2:]
-    K, S = math.prod(g.kernel), len(kernel_shifts(g.kernel))
-    bounds = ring_bounds(g, spatial)
-    ring = math.prod(end - first for first, _, _, end in bounds) - math.prod(hi - lo for _, lo, hi, _ in bounds)
-    m = N * math.prod(conv_outputs(g, spatial))
+    return shift_cost(g, a.shape, gather) <= SHIFT_COST
+
+
+def shift_cost(geom: ConvGeometry, shape, gather: int = 0) -> float:
+    """The cost of shifted_products and its adds for an input of ``shape`` (N, C, H, W), as a
+    fraction of im2col's (see SHIFT_COST)."""
+    N, C, spatial = shape[0], shape[1], shape[2:]
+    K, S = math.prod(geom.kernel), len(kernel_shifts(geom.kernel))
+    m = N * math.prod(conv_outputs(geom, spatial))
     shared = m / gather if 2 * m <= gather else 1.0             # im2col's share of an add
-    shifted = S * C * C * N * math.prod(spatial) + (K * C) ** 2 * (N * ring / 2 + ADD_COST)
-    return shifted <= SHIFT_COST * (K * C) ** 2 * (m / 2 + ADD_COST * shared)
+    shifted = S * C * C * (N * math.prod(spatial) + ADD_COST) + CALL_COST
+    for (r0, r1, c0, c1), (h0, h1, w0, w1) in ring_boxes(geom, spatial):
+        rows, strip = (h1 - h0) * (w1 - w0) * C, N * (r1 - r0) * (c1 - c0)
+        held = min(2 * rows, RING_ELEMENTS // rows)
+        shifted += rows ** 2 * (strip / 2 + ADD_COST * (strip / held if 2 * strip <= held else 1.0))
+    return shifted / ((K * C) ** 2 * (m / 2 + ADD_COST * shared))
 
 
 # On NumPy a grouped conv is unfolded and multiplied about this many patch elements (4 MB)

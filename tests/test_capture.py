@@ -23,6 +23,18 @@ def conv_layer(wshape, groups=1, strides=None, pads=None, dilations=None, auto_p
                  cols=int(np.prod(wshape[1:])), conv=geom)
 
 
+class Counting(Products):
+    """Products that records the column count of each product it makes."""
+
+    def __init__(self, xp):
+        super().__init__(xp)
+        self.calls = []
+
+    def __call__(self, P):
+        self.calls.append(P.shape[2])
+        return super().__call__(P)
+
+
 def brute_force_conv_hessian(x, layer):
     """Sum over every sample and output position of patch * patch^T, written with plain loops."""
     g = layer.conv
@@ -216,14 +228,8 @@ def test_held_back_samples_are_multiplied_in_gathers_and_all_counted():
     more go straight in; hessian() multiplies what is still held. The result is the full product."""
     r = np.random.default_rng(10)
     X = r.standard_normal((2, 40, 200)).astype(np.float32)          # (G, C, M)
-    calls = []
-
-    class Counting(Products):
-        def __call__(self, P):
-            calls.append(P.shape[2])
-            return super().__call__(P)
-
     acc, product = HessianSum(gather=64), Counting(np)
+    calls = product.calls
     for part in np.split(X, [20, 50, 60, 150, 170], axis=2):        # 20, 30, 10, 90, 20, 30 columns
         acc.add(np.ascontiguousarray(part), np, product)
     assert calls == [90, 60] and acc.count == 200     # 90 straight in; 20+30+10 held until 20 more came
@@ -238,7 +244,7 @@ def test_a_batch_that_cannot_share_a_gather_is_multiplied_at_once_not_copied():
     P = r.standard_normal((1, 8, 40)).astype(np.float32)
     acc = HessianSum(gather=64)                                    # two batches of 40 never fit
     acc.add(P, np, Products(np))
-    assert acc._held == 0 and acc.count == 40
+    assert acc._waiting is None and acc.count == 40
     np.testing.assert_allclose(acc.sum[0], P[0].astype(np.float64) @ P[0].T.astype(np.float64), rtol=1e-5)
 
 
@@ -309,6 +315,26 @@ def test_shifted_products_give_the_brute_force_hessian(case):
     np.testing.assert_allclose(H, 2 * brute_force_conv_hessian(x, layer) / acc.count, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ring_elements", [60, 400, 1 << 20])
+def test_ring_patches_held_back_or_not_give_the_brute_force_hessian(monkeypatch, ring_elements):
+    """Batches of a stride-1 conv whose ring patches (four strips of 15 patch rows, with 7, 7,
+    6 and 6 patches an image) are subtracted at once (the strips hold 4 columns), held in 26
+    columns or held in 30 all give the brute-force Hessian, in the known products."""
+    monkeypatch.setattr(capture, "RING_ELEMENTS", ring_elements)
+    r = np.random.default_rng(15)
+    layer = conv_layer(wshape=(4, 5, 3, 3), pads=[1, 1, 1, 1])
+    batches = [r.standard_normal((1, 5, 6, 5)).astype(np.float32) for _ in range(7)]
+    acc, product = HessianSum(), Counting(np)
+    for x in batches:
+        capture._add_shifted(layer, x, acc, product)
+    H = acc.hessian(np, product)
+    assert sorted(product.calls) == sorted({60: [7] * 14 + [6] * 14,
+                                            400: [21, 21, 7] * 2 + [24, 18] * 2,
+                                            1 << 20: [28, 21] * 2 + [30, 12] * 2}[ring_elements])
+    np.testing.assert_allclose(H, 2 * brute_force_conv_hessian(np.concatenate(batches), layer) / (7 * 30),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("shifted_first", [True, False])
 def test_shifted_and_unfolded_batches_add_into_one_sum(shifted_first):
     """A layer whose batches go some through shifted products (the sum kernel-major) and some
@@ -329,17 +355,17 @@ def test_shifted_and_unfolded_batches_add_into_one_sum(shifted_first):
 
 
 def test_shifts_pay_only_for_wide_stride_1_2d_convs_with_one_group():
-    """The rule's known answers: a 3 x 3 conv of 96 channels at 52 x 52 (13 products of 96 x 96
-    and a ring of 212 positions against 81 blocks over 2,704) yes; at 7 x 7 no; at 20 x 20 yes
-    (cost ratio 0.64), but not where im2col's 400 columns a batch would share gathers of 1,728
-    (0.78); strided, grouped, pointwise or 1-D never."""
+    """The rule's known answers for a 3 x 3 conv of 96 channels, one image a batch, im2col's
+    columns held in gathers of 1,728: at 52 x 52 yes (cost ratio 0.33), at 13 x 13 yes (0.57),
+    at 10 x 10 no (0.74); at 7 x 7 no (1.16), but yes where im2col's 49 columns would be
+    multiplied alone (0.36); strided, grouped, pointwise or 1-D never."""
     wide = np.zeros((1, 96, 52, 52), np.float32)
     conv = conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1])
-    assert capture.shifts_pay(conv, wide, np)
-    assert not capture.shifts_pay(conv, wide[:, :, :7, :7], np)
-    assert capture.shifts_pay(conv, wide[:, :, :20, :20], np)
-    assert not capture.shifts_pay(conv, wide[:, :, :20, :20], np, gather=1728)
-    assert capture.shifts_pay(conv, wide, np, gather=1728)                 # 2,704 columns: never held
+    assert capture.shifts_pay(conv, wide, np, gather=1728)
+    assert capture.shifts_pay(conv, wide[:, :, :13, :13], np, gather=1728)
+    assert not capture.shifts_pay(conv, wide[:, :, :10, :10], np, gather=1728)
+    assert not capture.shifts_pay(conv, wide[:, :, :7, :7], np, gather=1728)
+    assert capture.shifts_pay(conv, wide[:, :, :7, :7], np)
     assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]), wide, np)
     assert not capture.shifts_pay(conv_layer((96, 48, 3, 3), groups=2, pads=[1, 1, 1, 1]), wide, np)
     assert not capture.shifts_pay(conv_layer((96, 96, 1, 1)), wide, np)
