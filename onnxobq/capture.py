@@ -392,6 +392,11 @@ class Held:
 RING_ELEMENTS = 1 << 20
 
 
+def ring_columns(rows: int) -> int:
+    """How many patch columns a ring strip of ``rows`` rows holds back before multiplying."""
+    return min(2 * rows, RING_ELEMENTS // rows)
+
+
 @dataclass
 class HessianSum:
     """A running sum of X^T X and its sample count; H = 2 * sum / count at the end.
@@ -402,8 +407,8 @@ class HessianSum:
     up to ``gather`` sample columns wait in a buffer and are multiplied together: see
     gather_columns.
 
-    Batches given by add_shifted are summed as their shifted products F_d (a seventh of
-    the sum's size for 3 x 3) and their rings' patches, held back by strip; both go into
+    Batches given by add_shifted are summed as their shifted products F_d (13 C x C blocks
+    for 3 x 3, where the sum has 81) and their rings' patches, held back by strip; both go into
     the sum, held kernel-offset-major (row k * C + c instead of c * K + k, where its blocks
     are contiguous), once, by hessian, which also puts it back in the weight's order.
     """
@@ -453,7 +458,7 @@ class HessianSum:
         with np.errstate(invalid="ignore", over="ignore"):
             np.add(self._shifts, F, out=self._shifts)
         for box, P in ring:
-            held = self._ring.setdefault(box, Held(min(2 * P.shape[0], RING_ELEMENTS // P.shape[0])))
+            held = self._ring.setdefault(box, Held(ring_columns(P.shape[0])))
             if 2 * P.shape[1] > held.capacity:
                 self._subtract_ring(box, P, product)
                 continue
@@ -613,7 +618,7 @@ def shift_cost(geom: ConvGeometry, shape, gather: int = 0) -> float:
     shifted = S * C * C * (N * math.prod(spatial) + ADD_COST) + CALL_COST
     for (r0, r1, c0, c1), (h0, h1, w0, w1) in ring_boxes(geom, spatial):
         rows, strip = (h1 - h0) * (w1 - w0) * C, N * (r1 - r0) * (c1 - c0)
-        held = min(2 * rows, RING_ELEMENTS // rows)
+        held = ring_columns(rows)
         shifted += rows ** 2 * (strip / 2 + ADD_COST * (strip / held if 2 * strip <= held else 1.0))
     return shifted / ((K * C) ** 2 * (m / 2 + ADD_COST * shared))
 
