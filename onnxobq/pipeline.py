@@ -10,8 +10,8 @@ from dataclasses import asdict
 import onnx_graphsurgeon as gs
 
 from .backend import array_module, device_name, is_cupy
-from .bn import BNOutcome, reestimate
-from .capture import Captured, capture_hessians
+from .bn import BNOutcome, FloatReference, reestimate, reference_tensors
+from .capture import Captured, Observer, capture_hessians
 from .calibration import planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
@@ -43,15 +43,17 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         scan = exclude(scan_layers(gs.import_onnx(model)), cfg.exclude)
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
-    captured = Captured({}, {}, 0)
+    captured, reference = Captured({}, {}, 0), None
     if cfg.hessians is not None:
         with _stage(stages, "load_hessians"):
             captured = load_hessians(cfg.hessians, scan.layers, cfg.model, cfg.calib, xp)
     elif cfg.calib is not None:
         with _stage(stages, "capture"):
+            reference, observer = bn_reference(cfg, model, scan)
             progress.start("calibration", _planned(cfg, model))
             captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
-                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name)
+                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name,
+                                        observer=observer)
             progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
@@ -65,7 +67,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         with _stage(stages, "bn"):
             progress.start("batchnorm", None)
             outcome = reestimate(model, qlayers, cfg.bn, cfg.calib, opset, symmetric, cfg.device,
-                                 progress.advance)
+                                 progress.advance, reference)
             progress.finish()
     if outcome.kept:
         qlayers, edits = outcome.qlayers, outcome.edits
@@ -82,6 +84,17 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.report:
         write_json(report, cfg.report)
     return report
+
+
+def bn_reference(cfg: QuantizeConfig, model, scan: LayerScan) -> tuple[FloatReference | None, Observer | None]:
+    """BatchNorm re-estimation's float reference, to be gathered by the capture's forward
+    passes (which run the float model on the same batches), and the capture's observer that
+    fills it; (None, None) where no re-estimation will need it."""
+    names = reference_tensors(model, scan.layers, cfg.bn) if cfg.bn.reestimate else None
+    if names is None:
+        return None, None
+    reference = FloatReference(names, [o.name for o in model.graph.output])
+    return reference, Observer(names, reference.add)
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):
