@@ -14,7 +14,9 @@ PyTorch train-mode pass, where each BN normalises with its batch's statistics.
 Here the same pass is built in ONNX: every BN (and every corrected Conv) is
 replaced by a subgraph that normalises with the batch's statistics, and the
 population statistics of the tensors before them are accumulated over the
-calibration data. That takes one pass whatever the depth.
+calibration data. That takes one pass whatever the depth. The float model's own
+statistics, and its outputs, come from the capture's forward passes where there was a
+capture (see FloatReference), and from a pass of their own otherwise.
 
 The output error against the float model is measured before and after, and the
 result is kept only where it lowers that error by at least 1%.

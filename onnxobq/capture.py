@@ -760,7 +760,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     dtypes = layer_input_outputs(model, list(first.values()))
     if observer is not None:                        # model inputs come with the feed
         wanted = observer.tensors | {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-        dtypes |= {n: t for n, t in wanted.items() if n not in {s.name for s in inputs}}
+        fed = {spec.name for spec in inputs}
+        dtypes |= {n: t for n, t in wanted.items() if n not in fed}
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
     sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(layer, xp)) for key, layer in first.items()}
