@@ -241,8 +241,8 @@ def _batch_moments(m: Moments, dtype):
             np.sqrt(m.var() + VAR_FLOOR).reshape(1, -1, 1).astype(dtype))
 
 
-# Keep the float model's outputs in memory between passes up to this size; past it they are
-# computed again.
+# Keep the float model's outputs in memory between passes up to this size (from the capture,
+# where it gathers them, through the solve); past it they are computed again.
 OUTPUT_CACHE_BYTES = 512 * 2 ** 20
 
 
