@@ -39,10 +39,6 @@ from .graph.layers import Layer
 from .solve import QuantizedLayer
 
 VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
-# Moments.of sums squares in float32 runs of this many values. On the 2-core machine, for a
-# (8, 64, 112, 112) batch of ResNet-50's conv outputs, Moments.of took 2.9 ms where float64
-# sums took 9 ms, its sums of squares within 1.3e-7 of exact float64 ones.
-SQUARES_RUN = 4096
 # Keep the result only if it lowers the output error on the calibration data by 1% or more:
 # a change within noise there is no evidence that it helps on other data.
 KEEP_RATIO = 0.99
@@ -55,21 +51,6 @@ class Moments:
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
     count: int = 0
-
-    @classmethod
-    def of(cls, a: np.ndarray) -> "Moments":
-        """The moments of one array, without a float64 copy of it: each sample's channel is
-        summed in the array's dtype (NumPy sums a row pairwise), and its squares in runs of
-        SQUARES_RUN values (np.einsum sums a run in SIMD lanes, not pairwise), the partial
-        sums then in float64."""
-        r = a.reshape(a.shape[0], a.shape[1], -1)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported instead
-            total = r.sum(axis=2).sum(axis=0, dtype=np.float64)
-            squares = np.zeros(a.shape[1], np.float64)
-            for i in range(0, r.shape[2], SQUARES_RUN):
-                run = r[:, :, i:i + SQUARES_RUN]
-                squares += np.einsum("ncm,ncm->c", run, run)
-        return cls(total, squares, a.size // a.shape[1])
 
     @classmethod
     def of_batch(cls, mean: np.ndarray, var: np.ndarray, count: int) -> "Moments":
@@ -151,6 +132,51 @@ def _reduce_mean(graph: gs.Graph, x, opset: int, out):
     return graph.layer(op="ReduceMean", inputs=[x], outputs=[out], attrs={"axes": [0, 2], "keepdims": 1})[0]
 
 
+def _batch_statistics(graph: gs.Graph, x, opset: int, tag: str):
+    """Add the batch mean and biased variance of x per channel (axis 1), (1, C, 1), and its
+    shape, as the tensors ``{tag}_mean``, ``{tag}_var`` and ``{tag}_shape`` (named as read, see
+    statistics_outputs). The variance is of the centred values, which float32 keeps exact where
+    E[x^2] - E[x]^2 would cancel. Returns (shape, centred x as (N, C, L), variance)."""
+    t = lambda s: f"{tag}_{s}"  # noqa: E731
+    shape = graph.layer(op="Shape", inputs=[x], outputs=[gs.Variable(t("shape"))])[0]
+    x3 = graph.layer(op="Reshape", inputs=[x, np.array([0, 0, -1], np.int64)], outputs=[t("x3")])[0]
+    mean = _reduce_mean(graph, x3, opset, gs.Variable(t("mean")))
+    d = graph.layer(op="Sub", inputs=[x3, mean], outputs=[t("d")])[0]
+    sq = graph.layer(op="Mul", inputs=[d, d], outputs=[t("sq")])[0]
+    var = _reduce_mean(graph, sq, opset, gs.Variable(t("var")))
+    return shape, d, var
+
+
+def statistics_outputs(prefixes: dict, types: dict) -> dict[str, int]:
+    """The outputs that carry _batch_statistics' tensors: for each tensor -> prefix, its mean,
+    variance (of the tensor's ONNX type in ``types``) and shape (int64)."""
+    out = {}
+    for name, prefix in prefixes.items():
+        out |= {f"{prefix}_mean": types[name], f"{prefix}_var": types[name], f"{prefix}_shape": onnx.TensorProto.INT64}
+    return out
+
+
+def batch_moments(got: dict, prefix: str) -> "Moments":
+    """A batch's Moments from the outputs of _batch_statistics(..., prefix)."""
+    shape = got[f"{prefix}_shape"]
+    return Moments.of_batch(got[f"{prefix}_mean"], got[f"{prefix}_var"], int(np.prod(shape)) // int(shape[1]))
+
+
+def with_statistics(model: onnx.ModelProto, names, opset: int) -> tuple[onnx.ModelProto, dict]:
+    """A copy of the float model that also computes the batch statistics of each tensor in
+    ``names`` (_batch_statistics), so that a pass exposes those, not the tensors.
+
+    Returns:
+        (model, prefixes): prefixes maps each tensor to the prefix of its statistics' names.
+    """
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    prefixes = {name: f"_obq_fp{i}" for i, name in enumerate(names)}
+    for name, prefix in prefixes.items():
+        _batch_statistics(graph, tensors[name], opset, prefix)
+    return gs.export_onnx(graph, do_type_check=False), prefixes   # no cleanup: the statistics are outputs only when asked
+
+
 def _batch_normalise(graph: gs.Graph, x, y, scale, shift, opset: int, tag: str, dtype) -> None:
     """Make ``y`` = (x - batch mean) / batch std * scale + shift, per channel (axis 1), any rank.
 
@@ -160,12 +186,7 @@ def _batch_normalise(graph: gs.Graph, x, y, scale, shift, opset: int, tag: str, 
     """
     t = lambda s: f"{tag}_{s}"  # noqa: E731
     as_c = lambda v: v.reshape(1, -1, 1).astype(dtype) if isinstance(v, np.ndarray) else v  # noqa: E731
-    shape = graph.layer(op="Shape", inputs=[x], outputs=[gs.Variable(t("shape"))])[0]   # named as read
-    x3 = graph.layer(op="Reshape", inputs=[x, np.array([0, 0, -1], np.int64)], outputs=[t("x3")])[0]
-    mean = _reduce_mean(graph, x3, opset, gs.Variable(t("mean")))
-    d = graph.layer(op="Sub", inputs=[x3, mean], outputs=[t("d")])[0]
-    sq = graph.layer(op="Mul", inputs=[d, d], outputs=[t("sq")])[0]
-    var = _reduce_mean(graph, sq, opset, gs.Variable(t("var")))
+    shape, d, var = _batch_statistics(graph, x, opset, tag)
     veps = graph.layer(op="Add", inputs=[var, np.array(VAR_FLOOR, dtype)], outputs=[t("veps")])[0]
     std = graph.layer(op="Sqrt", inputs=[veps], outputs=[t("std")])[0]
     xn = graph.layer(op="Div", inputs=[d, std], outputs=[t("xn")])[0]
@@ -271,11 +292,12 @@ def reference_tensors(model: onnx.ModelProto, layers: list[Layer], cfg: BNConfig
 @dataclass
 class FloatReference:
     """The float model on the calibration data, gathered batch by batch in one pass (its own,
-    or the capture's: see add).
+    or the capture's: see add), from a model made by with_statistics.
 
     Attributes:
         names: the measured tensors (tensor -> ONNX type), see reference_tensors.
         outs: the model's outputs.
+        prefixes: tensor -> the prefix of its batch statistics, from with_statistics.
         moments: population moments of the measured tensors.
         batch_moments: per batch, tensor -> (mean, std) shaped (1, C, 1), to feed the
             train-mode model.
@@ -284,17 +306,23 @@ class FloatReference:
 
     names: dict
     outs: list
+    prefixes: dict
     moments: dict = field(default_factory=dict)
     batch_moments: list = field(default_factory=list)
     outputs: list | None = field(default_factory=list)
     _kept: int = 0
 
+    def exposed(self) -> dict[str, int]:
+        """The tensors a pass must expose for add, besides the model's outputs."""
+        return statistics_outputs(self.prefixes, self.names)
+
     def add(self, got: dict) -> None:
-        """Add one batch of the float model: ``got`` holds at least its outputs and the measured tensors."""
-        batch = {n: Moments.of(got[n]) for n in self.names}
+        """Add one batch: ``got`` holds at least the model's outputs and the exposed tensors."""
+        batch = {n: batch_moments(got, self.prefixes[n]) for n in self.names}
         for n in self.names:
             self.moments.setdefault(n, Moments()).add(batch[n])
-        self.batch_moments.append({n: _batch_moments(batch[n], got[n].dtype) for n in self.names})
+        self.batch_moments.append({n: _batch_moments(batch[n], onnx.helper.tensor_dtype_to_np_dtype(t))
+                                   for n, t in self.names.items()})
         if self.outputs is not None:
             self._kept += sum(got[n].nbytes for n in self.outs)
             if self._kept <= OUTPUT_CACHE_BYTES:
@@ -303,12 +331,14 @@ class FloatReference:
                 self.outputs = None   # too big to keep: output_error runs the float model again
 
 
-def float_reference(model, names: dict, calib: CalibConfig, device: str, on_batch=None) -> FloatReference:
+def float_reference(model, names: dict, calib: CalibConfig, device: str, opset: int,
+                    on_batch=None) -> FloatReference:
     """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
-    ref = FloatReference(names, [o.name for o in model.graph.output])
-    sess = session(model, names, device)
+    stats_model, prefixes = with_statistics(model, names, opset)
+    ref = FloatReference(names, [o.name for o in model.graph.output], prefixes)
+    sess = session(stats_model, ref.exposed(), device)
     for feed in batches(calib, model_inputs(model)):
-        ref.add(run(sess, ref.outs + list(names), feed))
+        ref.add(run(sess, ref.outs + list(ref.exposed()), feed))
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return ref
@@ -342,9 +372,7 @@ def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatRefer
     """Population moments of the captured tensors in the train-mode model, fed the float
     model's per-batch moments. Each batch's come from the model's own batch normalisation
     (its mean, variance and shape), not from the whole tensors."""
-    names = {}
-    for prefix, elem_type in captures.values():
-        names |= {f"{prefix}_mean": elem_type, f"{prefix}_var": elem_type, f"{prefix}_shape": onnx.TensorProto.INT64}
+    names = statistics_outputs({n: p for n, (p, _) in captures.items()}, {n: t for n, (_, t) in captures.items()})
     sess = session(stats_model, names, device)
     moments = {n: Moments() for n in captures}
     inputs = [spec for spec in model_inputs(stats_model) if not spec.name.startswith("_obq_")]
@@ -354,9 +382,7 @@ def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatRefer
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
         got = run(sess, list(names), q_feed)
         for n, (prefix, _) in captures.items():
-            shape = got[f"{prefix}_shape"]
-            count = int(np.prod(shape)) // int(shape[1])
-            moments[n].add(Moments.of_batch(got[f"{prefix}_mean"], got[f"{prefix}_var"], count))
+            moments[n].add(batch_moments(got, prefix))
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return moments
@@ -462,7 +488,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         outcome.notes.append("no BatchNormalization nodes and no Convs to correct")
         return outcome
     if ref is None:
-        ref = float_reference(model, measured, calib, device, on_batch)
+        ref = float_reference(model, measured, calib, device, opset, on_batch)
     elif ref.names != measured:
         raise ValueError("reestimate: the reference measured other tensors than these layers need")
     q_model = build_model(model, qlayers, "fake", opset, symmetric)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import onnx_graphsurgeon as gs
 
 from .backend import array_module, device_name, is_cupy
-from .bn import BNOutcome, FloatReference, reestimate, reference_tensors
+from .bn import BNOutcome, FloatReference, reestimate, reference_tensors, with_statistics
 from .capture import Captured, Observer, capture_hessians
 from .calibration import planned_samples
 from .config import QuantizeConfig
@@ -49,9 +49,9 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
             captured = load_hessians(cfg.hessians, scan.layers, cfg.model, cfg.calib, xp)
     elif cfg.calib is not None:
         with _stage(stages, "capture"):
-            reference, observer = bn_reference(cfg, model, scan)
+            capture_model, reference, observer = bn_reference(cfg, model, scan)
             progress.start("calibration", _planned(cfg, model))
-            captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
+            captured = capture_hessians(capture_model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
                                         sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name,
                                         observer=observer)
             progress.finish()
@@ -86,15 +86,22 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     return report
 
 
-def bn_reference(cfg: QuantizeConfig, model, scan: LayerScan) -> tuple[FloatReference | None, Observer | None]:
+def bn_reference(cfg: QuantizeConfig, model, scan: LayerScan) -> tuple:
     """BatchNorm re-estimation's float reference, to be gathered by the capture's forward
-    passes (which run the float model on the same batches), and the capture's observer that
-    fills it; (None, None) where no re-estimation will need it."""
+    passes (which run the float model on the same batches).
+
+    Returns:
+        (capture_model, reference, observer): the model to capture from (the float model, with
+        the batch statistics the reference reads, see bn.with_statistics), the reference, and
+        the capture's observer that fills it; (model, None, None) where no re-estimation will
+        need it.
+    """
     names = reference_tensors(model, scan.layers, cfg.bn) if cfg.bn.reestimate else None
     if names is None:
-        return None, None
-    reference = FloatReference(names, [o.name for o in model.graph.output])
-    return reference, Observer(names, reference.add)
+        return model, None, None
+    capture_model, prefixes = with_statistics(model, names, model_opset(model))
+    reference = FloatReference(names, [o.name for o in model.graph.output], prefixes)
+    return capture_model, reference, Observer(reference.exposed(), reference.add)
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):

@@ -117,22 +117,31 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
 
 @pytest.mark.parametrize("mode", ["reestimate", "match"])
 def test_a_reference_gathered_by_the_capture_gives_the_same_reestimation(data, mode):
-    """The float reference filled by capture_hessians' forward passes (four batches) matches a
-    pass of its own: the same batch statistics in order, the same edits and errors."""
-    from onnxobq.bn import FloatReference, float_reference, reference_tensors
+    """The float reference filled by capture_hessians' forward passes (batches of 12, 12 and 8),
+    from the batch statistics the capture model computes, holds each batch's mean and std and
+    the whole set's, as NumPy computes them from the tensors themselves; and it matches a pass
+    of its own: the same edits and errors."""
+    from onnxobq.bn import FloatReference, float_reference, reference_tensors, with_statistics
     from onnxobq.capture import Observer, capture_hessians
-    model, _, calib = data
-    calib = CalibConfig(source=calib.source, batch_size=8)
+    model, x, calib = data
+    calib = CalibConfig(source=calib.source, batch_size=12)
     layers, cfg = rtn_layers(model), BNConfig(mode=mode)
     names = reference_tensors(model, [q.layer for q in layers], cfg)
-    ref = FloatReference(names, [o.name for o in model.graph.output])
-    capture_hessians(model, [q.layer for q in layers], calib, np, observer=Observer(names, ref.add))
-    own = float_reference(model, names, calib, "cpu")
-    assert len(ref.batch_moments) == len(own.batch_moments) == 4
-    for got, want in zip(ref.batch_moments, own.batch_moments):
+    capture_model, prefixes = with_statistics(model, names, 13)
+    ref = FloatReference(names, [o.name for o in model.graph.output], prefixes)
+    capture_hessians(capture_model, [q.layer for q in layers], calib, np, observer=Observer(ref.exposed(), ref.add))
+    assert len(ref.batch_moments) == 3
+    for i, got in enumerate(ref.batch_moments):
+        want = moments(model, x[12 * i:12 * i + 12], list(names))
         for n in names:
-            np.testing.assert_allclose(got[n][0], want[n][0], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(got[n][1], want[n][1], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[n][0].ravel(), want[n][0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[n][1].ravel(), want[n][1], rtol=1e-5, atol=1e-6)
+    whole = moments(model, x, list(names))
+    for n in names:
+        np.testing.assert_allclose(ref.moments[n].mean(), whole[n][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.sqrt(ref.moments[n].var()), whole[n][1], rtol=1e-5, atol=1e-6)
+    own = float_reference(model, names, calib, "cpu", 13)
+    assert len(own.batch_moments) == 3
     shared = reestimate(model, layers, cfg, calib, opset=13, symmetric=True, ref=ref)
     alone = reestimate(model, layers, cfg, calib, opset=13, symmetric=True)
     assert shared.error_before == pytest.approx(alone.error_before, rel=1e-5)
@@ -156,17 +165,3 @@ def test_quantize_runs_no_float_pass_of_its_own_for_batchnorm(capsys, data, tmp_
     assert code == 0
     line = next(l for l in out.splitlines() if l.startswith("BN re-estimation"))
     assert "2 BN nodes re-estimated, 2 folded, 1 Convs corrected" in line and line.endswith("kept")
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])
-def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
-    """Per-channel sums and sums of squares, the squares in float32 runs (of 1,000 here, so that
-    a 70 x 90 map takes seven), agree with float64 sums over every value but the channel's."""
-    from onnxobq import bn
-    monkeypatch.setattr(bn, "SQUARES_RUN", 1000)
-    a = (np.random.default_rng(16).standard_normal(shape) * 3 + 5).astype(np.float32)
-    m = bn.Moments.of(a)
-    a64 = a.astype(np.float64).swapaxes(0, 1).reshape(shape[1], -1)
-    assert m.count == a64.shape[1]
-    np.testing.assert_allclose(m.total, a64.sum(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(m.squares, (a64 ** 2).sum(axis=1), rtol=1e-6)
