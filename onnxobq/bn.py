@@ -14,9 +14,8 @@ PyTorch train-mode pass, where each BN normalises with its batch's statistics.
 Here the same pass is built in ONNX: every BN (and every corrected Conv) is
 replaced by a subgraph that normalises with the batch's statistics, and the
 population statistics of the tensors before them are accumulated over the
-calibration data. That takes one pass whatever the depth. The float model's own
-statistics, and its outputs, come from the capture's forward passes where there was a
-capture (see FloatReference), and from a pass of their own otherwise.
+calibration data. That takes one pass whatever the depth. Each pass reads the
+batch statistics that its model computes (_batch_statistics), not the tensors.
 
 The output error against the float model is measured before and after, and the
 result is kept only where it lowers that error by at least 1%.
@@ -262,8 +261,8 @@ def _batch_moments(m: Moments, dtype):
             np.sqrt(m.var() + VAR_FLOOR).reshape(1, -1, 1).astype(dtype))
 
 
-# Keep the float model's outputs in memory between passes up to this size (from the capture,
-# where it gathers them, through the solve); past it they are computed again.
+# Keep the float model's outputs in memory between passes up to this size; past it they are
+# computed again.
 OUTPUT_CACHE_BYTES = 512 * 2 ** 20
 
 
@@ -282,20 +281,13 @@ def _plan(graph: gs.Graph, layers: list[Layer], cfg: BNConfig) -> tuple[list[BNN
     return bns, targets, {n: onnx.helper.np_dtype_to_tensor_dtype(d) for n, d in measured.items()}
 
 
-def reference_tensors(model: onnx.ModelProto, layers: list[Layer], cfg: BNConfig) -> dict[str, int] | None:
-    """The float model's tensors that reestimate measures for these layers (tensor -> ONNX
-    type), or None where it has nothing to re-estimate and runs no pass."""
-    bns, targets, measured = _plan(gs.import_onnx(model), layers, cfg)
-    return measured if bns or targets else None
-
-
 @dataclass
 class FloatReference:
-    """The float model on the calibration data, gathered batch by batch in one pass (its own,
-    or the capture's: see add), from a model made by with_statistics.
+    """The float model on the calibration data, gathered batch by batch in one pass of a
+    model made by with_statistics.
 
     Attributes:
-        names: the measured tensors (tensor -> ONNX type), see reference_tensors.
+        names: the measured tensors (tensor -> ONNX type).
         outs: the model's outputs.
         prefixes: tensor -> the prefix of its batch statistics, from with_statistics.
         moments: population moments of the measured tensors.
@@ -462,7 +454,7 @@ def _updates(graph, bns, targets, fp_m, q_m, cfg: BNConfig, qlayers):
 
 def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNConfig,
                calib: CalibConfig, opset: int, symmetric: bool, device: str = "cpu",
-               on_batch=None, ref: FloatReference | None = None) -> BNOutcome:
+               on_batch=None) -> BNOutcome:
     """Re-estimate BatchNorm statistics of the quantized model and keep them if they help.
 
     Args:
@@ -473,9 +465,6 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         opset, symmetric: as for the export.
         device: onnxruntime device.
         on_batch: called with the batch size after every batch of every pass (progress bars).
-        ref: the float model's reference, gathered already on the same calibration batches
-            (by the capture's forward passes, see reference_tensors); by default a pass of
-            its own.
 
     Returns:
         BNOutcome with the re-estimated layers and BN edits; ``kept`` says whether they
@@ -487,10 +476,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     if not bns and not targets:
         outcome.notes.append("no BatchNormalization nodes and no Convs to correct")
         return outcome
-    if ref is None:
-        ref = float_reference(model, measured, calib, device, opset, on_batch)
-    elif ref.names != measured:
-        raise ValueError("reestimate: the reference measured other tensors than these layers need")
+    ref = float_reference(model, measured, calib, device, opset, on_batch)
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
     outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch)
     if not np.isfinite(outcome.error_before):

@@ -713,25 +713,9 @@ def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str
             for l in layers if l.input not in feeds}
 
 
-@dataclass(frozen=True)
-class Observer:
-    """Float-model tensors that another stage reads from the capture's forward passes, so
-    that it need not run them again (BatchNorm re-estimation's reference).
-
-    Attributes:
-        tensors: tensor name -> ONNX element type, exposed besides the layer inputs.
-        see: called once per batch, in order, with the batch's arrays by name: these
-            tensors, the model's outputs and its inputs.
-    """
-
-    tensors: dict
-    see: Callable[[dict], None]
-
-
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
-                     pipeline_depth: int | None = None, sum_dtype: str = "float64",
-                     observer: Observer | None = None) -> Captured:
+                     pipeline_depth: int | None = None, sum_dtype: str = "float64") -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
     Args:
@@ -748,7 +732,6 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         sum_dtype: dtype of the running sums and of the Hessians: float64, or float32 where
             the solve runs in float32 anyway (a GPU), which halves their memory. Each batch's
             product is float32 either way.
-        observer: more tensors to expose, and who sees them.
 
     Returns:
         Captured: the Hessians (on ``xp``, in ``sum_dtype``) and their row counts by hessian_key.
@@ -758,10 +741,6 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     for layer in layers:
         first.setdefault(layer.hessian_key, layer)
     dtypes = layer_input_outputs(model, list(first.values()))
-    if observer is not None:                        # model inputs come with the feed
-        wanted = observer.tensors | {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-        fed = {spec.name for spec in inputs}
-        dtypes |= {n: t for n, t in wanted.items() if n not in fed}
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
     sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(layer, xp)) for key, layer in first.items()}
@@ -784,8 +763,6 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             if item is None:
                 break
             feed, acts = item
-            if observer is not None:
-                observer.see(acts)
             for key, layer in first.items():
                 accumulate(layer, acts[layer.input], sums[key], xp, upload, product)
             n = next(iter(feed.values())).shape[0]

@@ -10,8 +10,8 @@ from dataclasses import asdict
 import onnx_graphsurgeon as gs
 
 from .backend import array_module, device_name, is_cupy
-from .bn import BNOutcome, FloatReference, reestimate, reference_tensors, with_statistics
-from .capture import Captured, Observer, capture_hessians
+from .bn import BNOutcome, reestimate
+from .capture import Captured, capture_hessians
 from .calibration import planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
@@ -43,17 +43,15 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         scan = exclude(scan_layers(gs.import_onnx(model)), cfg.exclude)
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
-    captured, reference = Captured({}, {}, 0), None
+    captured = Captured({}, {}, 0)
     if cfg.hessians is not None:
         with _stage(stages, "load_hessians"):
             captured = load_hessians(cfg.hessians, scan.layers, cfg.model, cfg.calib, xp)
     elif cfg.calib is not None:
         with _stage(stages, "capture"):
-            capture_model, reference, observer = bn_reference(cfg, model, scan)
             progress.start("calibration", _planned(cfg, model))
-            captured = capture_hessians(capture_model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
-                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name,
-                                        observer=observer)
+            captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
+                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name)
             progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
@@ -67,7 +65,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         with _stage(stages, "bn"):
             progress.start("batchnorm", None)
             outcome = reestimate(model, qlayers, cfg.bn, cfg.calib, opset, symmetric, cfg.device,
-                                 progress.advance, reference)
+                                 progress.advance)
             progress.finish()
     if outcome.kept:
         qlayers, edits = outcome.qlayers, outcome.edits
@@ -84,24 +82,6 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.report:
         write_json(report, cfg.report)
     return report
-
-
-def bn_reference(cfg: QuantizeConfig, model, scan: LayerScan) -> tuple:
-    """BatchNorm re-estimation's float reference, to be gathered by the capture's forward
-    passes (which run the float model on the same batches).
-
-    Returns:
-        (capture_model, reference, observer): the model to capture from (the float model, with
-        the batch statistics the reference reads, see bn.with_statistics), the reference, and
-        the capture's observer that fills it; (model, None, None) where no re-estimation will
-        need it.
-    """
-    names = reference_tensors(model, scan.layers, cfg.bn) if cfg.bn.reestimate else None
-    if names is None:
-        return model, None, None
-    capture_model, prefixes = with_statistics(model, names, model_opset(model))
-    reference = FloatReference(names, [o.name for o in model.graph.output], prefixes)
-    return capture_model, reference, Observer(reference.exposed(), reference.add)
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):

@@ -115,22 +115,15 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
 
 
-@pytest.mark.parametrize("mode", ["reestimate", "match"])
-def test_a_reference_gathered_by_the_capture_gives_the_same_reestimation(data, mode):
-    """The float reference filled by capture_hessians' forward passes (batches of 12, 12 and 8),
-    from the batch statistics the capture model computes, holds each batch's mean and std and
-    the whole set's, as NumPy computes them from the tensors themselves; and it matches a pass
-    of its own: the same edits and errors."""
-    from onnxobq.bn import FloatReference, float_reference, reference_tensors, with_statistics
-    from onnxobq.capture import Observer, capture_hessians
+def test_the_float_reference_holds_each_batchs_statistics_and_the_whole_sets(data):
+    """float_reference reads the batch statistics its model computes (batches of 12, 12 and 8):
+    each batch's mean and std and the whole set's, as NumPy computes them from the tensors."""
+    from onnxobq.bn import float_reference
     model, x, calib = data
     calib = CalibConfig(source=calib.source, batch_size=12)
-    layers, cfg = rtn_layers(model), BNConfig(mode=mode)
-    names = reference_tensors(model, [q.layer for q in layers], cfg)
-    capture_model, prefixes = with_statistics(model, names, 13)
-    ref = FloatReference(names, [o.name for o in model.graph.output], prefixes)
-    capture_hessians(capture_model, [q.layer for q in layers], calib, np, observer=Observer(ref.exposed(), ref.add))
-    assert len(ref.batch_moments) == 3
+    names = {"n1": onnx.TensorProto.FLOAT, "y": onnx.TensorProto.FLOAT}
+    ref = float_reference(model, names, calib, "cpu", 13)
+    assert len(ref.batch_moments) == 3 and len(ref.outputs) == 3
     for i, got in enumerate(ref.batch_moments):
         want = moments(model, x[12 * i:12 * i + 12], list(names))
         for n in names:
@@ -140,28 +133,3 @@ def test_a_reference_gathered_by_the_capture_gives_the_same_reestimation(data, m
     for n in names:
         np.testing.assert_allclose(ref.moments[n].mean(), whole[n][0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.sqrt(ref.moments[n].var()), whole[n][1], rtol=1e-5, atol=1e-6)
-    own = float_reference(model, names, calib, "cpu", 13)
-    assert len(own.batch_moments) == 3
-    shared = reestimate(model, layers, cfg, calib, opset=13, symmetric=True, ref=ref)
-    alone = reestimate(model, layers, cfg, calib, opset=13, symmetric=True)
-    assert shared.error_before == pytest.approx(alone.error_before, rel=1e-5)
-    assert shared.error_after == pytest.approx(alone.error_after, rel=1e-5)
-    assert len(shared.edits) == len(alone.edits) > 0
-    for a, b in zip(shared.edits, alone.edits):
-        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a.var, b.var, rtol=1e-5, atol=1e-6)
-
-
-def test_quantize_runs_no_float_pass_of_its_own_for_batchnorm(capsys, data, tmp_path, monkeypatch):
-    """onnxobq quantize hands BatchNorm the reference its capture gathered (a float pass of
-    BN's own would fail here), and re-estimates as before."""
-    from onnxobq import bn
-    model, _, _ = data
-    onnx.save(model, tmp_path / "bn.onnx")
-    monkeypatch.setattr(bn, "float_reference", lambda *a, **k: pytest.fail("a float pass of its own"))
-    code = main(["quantize", str(tmp_path / "bn.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
-                 "--batch-size", "8", "-o", str(tmp_path / "q.onnx")])
-    out = capsys.readouterr().out
-    assert code == 0
-    line = next(l for l in out.splitlines() if l.startswith("BN re-estimation"))
-    assert "2 BN nodes re-estimated, 2 folded, 1 Convs corrected" in line and line.endswith("kept")
