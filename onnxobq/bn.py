@@ -14,8 +14,7 @@ PyTorch train-mode pass, where each BN normalises with its batch's statistics.
 Here the same pass is built in ONNX: every BN (and every corrected Conv) is
 replaced by a subgraph that normalises with the batch's statistics, and the
 population statistics of the tensors before them are accumulated over the
-calibration data. That takes one pass whatever the depth. Each pass reads the
-batch statistics that its model computes (_batch_statistics), not the tensors.
+calibration data. That takes one pass whatever the depth.
 
 The output error against the float model is measured before and after, and the
 result is kept only where it lowers that error by at least 1%.
@@ -34,7 +33,6 @@ from .capture import model_inputs, run, session
 from .config import BNConfig
 from .export import BNEdit, build_model
 from .export.graph_edit import constant_holder
-from .graph.layers import Layer
 from .solve import QuantizedLayer
 
 VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
@@ -52,11 +50,12 @@ class Moments:
     count: int = 0
 
     @classmethod
-    def of_batch(cls, mean: np.ndarray, var: np.ndarray, count: int) -> "Moments":
-        """The moments of a batch given as its per-channel mean and (biased) variance over
-        ``count`` values a channel."""
-        mean, var = np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1)
-        return cls(mean * count, (var + mean ** 2) * count, count)
+    def of(cls, a: np.ndarray) -> "Moments":
+        """The moments of one array, summed in float64 without a float64 copy of it."""
+        axes = (0,) + tuple(range(2, a.ndim))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported instead
+            return cls(a.sum(axis=axes, dtype=np.float64), np.square(a).sum(axis=axes, dtype=np.float64),
+                       a.size // a.shape[1])
 
     def add(self, other: "Moments") -> None:
         """Add another batch's moments to these."""
@@ -102,9 +101,9 @@ class BNOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def find_bn_nodes(graph: gs.Graph, layers: list[Layer]) -> list[BNNode]:
+def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode]:
     """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows."""
-    convs = {layer.output for layer in layers if layer.op == "Conv"}
+    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv"}
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:
@@ -123,7 +122,7 @@ def find_bn_nodes(graph: gs.Graph, layers: list[Layer]) -> list[BNNode]:
 
 # ----------------------------------------------------------------------------- the train-mode pass
 
-def _reduce_mean(graph: gs.Graph, x, opset: int, out):
+def _reduce_mean(graph: gs.Graph, x, opset: int, out: str):
     """Mean over axes 0 and 2 of an (N, C, L) tensor, kept as (1, C, 1)."""
     if opset >= 18:
         return graph.layer(op="ReduceMean", inputs=[x, np.array([0, 2], np.int64)], outputs=[out],
@@ -131,61 +130,19 @@ def _reduce_mean(graph: gs.Graph, x, opset: int, out):
     return graph.layer(op="ReduceMean", inputs=[x], outputs=[out], attrs={"axes": [0, 2], "keepdims": 1})[0]
 
 
-def _batch_statistics(graph: gs.Graph, x, opset: int, tag: str):
-    """Add the batch mean and biased variance of x per channel (axis 1), (1, C, 1), and its
-    shape, as the tensors ``{tag}_mean``, ``{tag}_var`` and ``{tag}_shape`` (named as read, see
-    statistics_outputs). The variance is of the centred values, which float32 keeps exact where
-    E[x^2] - E[x]^2 would cancel. Returns (shape, centred x as (N, C, L), variance)."""
-    t = lambda s: f"{tag}_{s}"  # noqa: E731
-    shape = graph.layer(op="Shape", inputs=[x], outputs=[gs.Variable(t("shape"))])[0]
-    x3 = graph.layer(op="Reshape", inputs=[x, np.array([0, 0, -1], np.int64)], outputs=[t("x3")])[0]
-    mean = _reduce_mean(graph, x3, opset, gs.Variable(t("mean")))
-    d = graph.layer(op="Sub", inputs=[x3, mean], outputs=[t("d")])[0]
-    sq = graph.layer(op="Mul", inputs=[d, d], outputs=[t("sq")])[0]
-    var = _reduce_mean(graph, sq, opset, gs.Variable(t("var")))
-    return shape, d, var
-
-
-def statistics_outputs(prefixes: dict, types: dict) -> dict[str, int]:
-    """The outputs that carry _batch_statistics' tensors: for each tensor -> prefix, its mean,
-    variance (of the tensor's ONNX type in ``types``) and shape (int64)."""
-    out = {}
-    for name, prefix in prefixes.items():
-        out |= {f"{prefix}_mean": types[name], f"{prefix}_var": types[name], f"{prefix}_shape": onnx.TensorProto.INT64}
-    return out
-
-
-def batch_moments(got: dict, prefix: str) -> "Moments":
-    """A batch's Moments from the outputs of _batch_statistics(..., prefix)."""
-    shape = got[f"{prefix}_shape"]
-    return Moments.of_batch(got[f"{prefix}_mean"], got[f"{prefix}_var"], int(np.prod(shape)) // int(shape[1]))
-
-
-def with_statistics(model: onnx.ModelProto, names, opset: int) -> tuple[onnx.ModelProto, dict]:
-    """A copy of the float model that also computes the batch statistics of each tensor in
-    ``names`` (_batch_statistics), so that a pass exposes those, not the tensors.
-
-    Returns:
-        (model, prefixes): prefixes maps each tensor to the prefix of its statistics' names.
-    """
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    prefixes = {name: f"_obq_fp{i}" for i, name in enumerate(names)}
-    for name, prefix in prefixes.items():
-        _batch_statistics(graph, tensors[name], opset, prefix)
-    return gs.export_onnx(graph, do_type_check=False), prefixes   # no cleanup: the statistics are outputs only when asked
-
-
 def _batch_normalise(graph: gs.Graph, x, y, scale, shift, opset: int, tag: str, dtype) -> None:
     """Make ``y`` = (x - batch mean) / batch std * scale + shift, per channel (axis 1), any rank.
 
-    ``scale`` and ``shift`` are per-channel arrays or (1, C, 1) graph tensors. The batch mean
-    and biased variance of x, (1, C, 1), and its shape are the tensors ``{tag}_mean``,
-    ``{tag}_var`` and ``{tag}_shape``, which train_mode_moments reads.
+    ``scale`` and ``shift`` are per-channel arrays or (1, C, 1) graph tensors.
     """
     t = lambda s: f"{tag}_{s}"  # noqa: E731
     as_c = lambda v: v.reshape(1, -1, 1).astype(dtype) if isinstance(v, np.ndarray) else v  # noqa: E731
-    shape, d, var = _batch_statistics(graph, x, opset, tag)
+    shape = graph.layer(op="Shape", inputs=[x], outputs=[t("shape")])[0]
+    x3 = graph.layer(op="Reshape", inputs=[x, np.array([0, 0, -1], np.int64)], outputs=[t("x3")])[0]
+    mean = _reduce_mean(graph, x3, opset, t("mean"))
+    d = graph.layer(op="Sub", inputs=[x3, mean], outputs=[t("d")])[0]
+    sq = graph.layer(op="Mul", inputs=[d, d], outputs=[t("sq")])[0]
+    var = _reduce_mean(graph, sq, opset, t("var"))
     veps = graph.layer(op="Add", inputs=[var, np.array(VAR_FLOOR, dtype)], outputs=[t("veps")])[0]
     std = graph.layer(op="Sqrt", inputs=[veps], outputs=[t("std")])[0]
     xn = graph.layer(op="Div", inputs=[d, std], outputs=[t("xn")])[0]
@@ -223,9 +180,8 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
         opset: the model's opset.
 
     Returns:
-        (model, captures, feeds): the model; for each tensor measured, the name prefix of its
-        normalisation's batch mean, variance and shape (``P_mean``, ``P_var``, ``P_shape``,
-        see _batch_normalise) and its ONNX type; tensor -> (mean input, std input) to feed.
+        (model, captures, feeds): the model; raw tensor name -> ONNX type for the tensors to
+        measure, keyed by the tensor they stand for; tensor -> (mean input, std input) to feed.
     """
     graph = gs.import_onnx(q_model)
     matched = dict(targets)
@@ -238,7 +194,7 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
         std = gs.Variable(f"_obq_fpstd{i}", dtype=dtype, shape=[1, "C", 1])
         graph.inputs.extend([mean, std])
         _batch_normalise(graph, raw, y, std, mean, opset, f"_obq_fix{i}", dtype)
-        captures[name] = (f"_obq_fix{i}", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        captures[name] = (raw.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
         feeds[name] = (mean.name, std.name)
     if mode == "reestimate":
         tensors = graph.tensors()
@@ -248,7 +204,7 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
             y = node.outputs[0]
             node.outputs.clear()
             _batch_normalise(graph, tensors[bn.input], y, bn.gamma, bn.beta, opset, f"_obq_bn{i}", bn.dtype)
-            captures[bn.input] = (f"_obq_bn{i}", onnx.helper.np_dtype_to_tensor_dtype(bn.dtype))
+            captures[bn.input] = (bn.input, onnx.helper.np_dtype_to_tensor_dtype(bn.dtype))
     graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=False), captures, feeds
 
@@ -266,71 +222,40 @@ def _batch_moments(m: Moments, dtype):
 OUTPUT_CACHE_BYTES = 512 * 2 ** 20
 
 
-def _plan(graph: gs.Graph, layers: list[Layer], cfg: BNConfig) -> tuple[list[BNNode], dict, dict]:
-    """(bns, targets, measured): the BatchNormalization nodes; the outputs of the Convs to
-    correct (those with no BatchNormalization after them), tensor -> dtype; and the float
-    model's tensors to measure, tensor -> ONNX type (the targets, and in "match" mode every
-    BN's input)."""
-    bns = find_bn_nodes(graph, layers)
-    after_bn = {bn.input for bn in bns}
-    targets = {l.output: np.dtype(l.dtype) for l in layers
-               if cfg.correct_folded and l.op == "Conv" and l.output not in after_bn}
-    measured = dict(targets)
-    if cfg.mode == "match":
-        measured.update({bn.input: bn.dtype for bn in bns})
-    return bns, targets, {n: onnx.helper.np_dtype_to_tensor_dtype(d) for n, d in measured.items()}
-
-
 @dataclass
 class FloatReference:
-    """The float model on the calibration data, gathered batch by batch in one pass of a
-    model made by with_statistics.
+    """The float model on the calibration data, gathered in one pass.
 
     Attributes:
-        names: the measured tensors (tensor -> ONNX type).
-        outs: the model's outputs.
-        prefixes: tensor -> the prefix of its batch statistics, from with_statistics.
         moments: population moments of the measured tensors.
         batch_moments: per batch, tensor -> (mean, std) shaped (1, C, 1), to feed the
             train-mode model.
         outputs: per batch, the model's float outputs; None when they did not fit the cache.
     """
 
-    names: dict
-    outs: list
-    prefixes: dict
-    moments: dict = field(default_factory=dict)
-    batch_moments: list = field(default_factory=list)
-    outputs: list | None = field(default_factory=list)
-    _kept: int = 0
-
-    def exposed(self) -> dict[str, int]:
-        """The tensors a pass must expose for add, besides the model's outputs."""
-        return statistics_outputs(self.prefixes, self.names)
-
-    def add(self, got: dict) -> None:
-        """Add one batch: ``got`` holds at least the model's outputs and the exposed tensors."""
-        batch = {n: batch_moments(got, self.prefixes[n]) for n in self.names}
-        for n in self.names:
-            self.moments.setdefault(n, Moments()).add(batch[n])
-        self.batch_moments.append({n: _batch_moments(batch[n], onnx.helper.tensor_dtype_to_np_dtype(t))
-                                   for n, t in self.names.items()})
-        if self.outputs is not None:
-            self._kept += sum(got[n].nbytes for n in self.outs)
-            if self._kept <= OUTPUT_CACHE_BYTES:
-                self.outputs.append({n: got[n] for n in self.outs})
-            else:
-                self.outputs = None   # too big to keep: output_error runs the float model again
+    moments: dict
+    batch_moments: list
+    outputs: list | None
 
 
-def float_reference(model, names: dict, calib: CalibConfig, device: str, opset: int,
-                    on_batch=None) -> FloatReference:
+def float_reference(model, names: dict, calib: CalibConfig, device: str, on_batch=None) -> FloatReference:
     """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
-    stats_model, prefixes = with_statistics(model, names, opset)
-    ref = FloatReference(names, [o.name for o in model.graph.output], prefixes)
-    sess = session(stats_model, ref.exposed(), device)
+    outs = [o.name for o in model.graph.output]
+    sess = session(model, names, device)
+    ref = FloatReference({n: Moments() for n in names}, [], [])
+    kept = 0
     for feed in batches(calib, model_inputs(model)):
-        ref.add(run(sess, ref.outs + list(ref.exposed()), feed))
+        got = run(sess, outs + list(names), feed)
+        batch = {n: Moments.of(got[n]) for n in names}
+        for n in names:
+            ref.moments[n].add(batch[n])
+        ref.batch_moments.append({n: _batch_moments(batch[n], got[n].dtype) for n in names})
+        if ref.outputs is not None:
+            kept += sum(got[n].nbytes for n in outs)
+            if kept <= OUTPUT_CACHE_BYTES:
+                ref.outputs.append({n: got[n] for n in outs})
+            else:
+                ref.outputs = None   # too big to keep: output_error runs the float model again
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return ref
@@ -362,19 +287,18 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig, device
 def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatReference, calib: CalibConfig,
                        device: str, on_batch=None) -> dict:
     """Population moments of the captured tensors in the train-mode model, fed the float
-    model's per-batch moments. Each batch's come from the model's own batch normalisation
-    (its mean, variance and shape), not from the whole tensors."""
-    names = statistics_outputs({n: p for n, (p, _) in captures.items()}, {n: t for n, (_, t) in captures.items()})
+    model's per-batch moments."""
+    names = dict(captures.values())
     sess = session(stats_model, names, device)
-    moments = {n: Moments() for n in captures}
+    moments = {n: Moments() for n in names}
     inputs = [spec for spec in model_inputs(stats_model) if not spec.name.startswith("_obq_")]
     for i, feed in enumerate(batches(calib, inputs)):
         q_feed = dict(feed)
         for n, (mean_in, std_in) in feeds.items():
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
         got = run(sess, list(names), q_feed)
-        for n, (prefix, _) in captures.items():
-            moments[n].add(batch_moments(got, prefix))
+        for n in names:
+            moments[n].add(Moments.of(got[n]))
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return moments
@@ -422,8 +346,10 @@ def conv_bias(graph: gs.Graph, q: QuantizedLayer) -> np.ndarray | None:
     return None if holder is None else np.asarray(holder.values, np.float64).reshape(-1)
 
 
-def _updates(graph, bns, targets, fp_m, q_m, cfg: BNConfig, qlayers):
-    """BN edits and corrected layers from the float model's and the train-mode pass's moments."""
+def _updates(graph, bns, targets, raw, fp_m, q_m, cfg: BNConfig, qlayers):
+    """BN edits and corrected layers from the train-mode pass's moments.
+
+    ``raw`` maps each measured tensor to the name it was measured under in ``q_m``."""
     new = {q.layer.output: q for q in qlayers}
     edits, folded, notes = [], 0, []
     for name in targets:
@@ -432,11 +358,11 @@ def _updates(graph, bns, targets, fp_m, q_m, cfg: BNConfig, qlayers):
         if bias is None:
             notes.append(f"{q.layer.name}: not corrected (its bias is computed at run time)")
             continue
-        sd_fp, sd_q = np.sqrt(fp_m[name].var()), np.sqrt(q_m[name].var())
+        sd_fp, sd_q = np.sqrt(fp_m[name].var()), np.sqrt(q_m[raw[name]].var())
         a = np.where(sd_q > 1e-12, sd_fp / np.maximum(sd_q, 1e-12), 1.0)
-        new[name] = _fold(q, bias, a, fp_m[name].mean() - a * q_m[name].mean())
+        new[name] = _fold(q, bias, a, fp_m[name].mean() - a * q_m[raw[name]].mean())
     for bn in bns:
-        mean, var = bn_statistics(bn, fp_m.get(bn.input), q_m[bn.input], cfg.mode)
+        mean, var = bn_statistics(bn, fp_m.get(bn.input), q_m[raw[bn.input]], cfg.mode)
         fold_into = None
         if cfg.fold and bn.conv is not None:
             q = new[bn.conv]
@@ -471,12 +397,18 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         lowered the output error (the caller exports the input layers otherwise).
     """
     graph = gs.import_onnx(model)
-    bns, targets, measured = _plan(graph, [q.layer for q in qlayers], cfg)
+    bns = find_bn_nodes(graph, qlayers)
+    after_bn = {bn.input for bn in bns}
+    targets = {q.layer.output: np.dtype(q.layer.dtype) for q in qlayers
+               if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn}
     outcome = BNOutcome(qlayers=qlayers)
     if not bns and not targets:
         outcome.notes.append("no BatchNormalization nodes and no Convs to correct")
         return outcome
-    ref = float_reference(model, measured, calib, device, opset, on_batch)
+    fp_names = {t: onnx.helper.np_dtype_to_tensor_dtype(d) for t, d in targets.items()}
+    if cfg.mode == "match":
+        fp_names.update({bn.input: onnx.helper.np_dtype_to_tensor_dtype(bn.dtype) for bn in bns})
+    ref = float_reference(model, fp_names, calib, device, on_batch)
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
     outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch)
     if not np.isfinite(outcome.error_before):
@@ -485,7 +417,8 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         return outcome
     stats_model, captures, feeds = train_mode_model(q_model, bns, targets, cfg.mode, opset)
     q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch)
-    current, edits, folded, notes = _updates(graph, bns, targets, ref.moments, q_m, cfg, qlayers)
+    raw = {name: r for name, (r, _) in captures.items()}
+    current, edits, folded, notes = _updates(graph, bns, targets, raw, ref.moments, q_m, cfg, qlayers)
     q_model = build_model(model, current, "fake", opset, symmetric, edits)
     outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)
     outcome.kept = outcome.error_after < KEEP_RATIO * outcome.error_before

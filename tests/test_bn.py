@@ -113,23 +113,3 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
     again = reestimate(model, layers, BNConfig(), calib, opset=13, symmetric=True)
     assert again.error_before == pytest.approx(cached.error_before, rel=1e-6)  # sessions with other outputs fuse differently
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
-
-
-def test_the_float_reference_holds_each_batchs_statistics_and_the_whole_sets(data):
-    """float_reference reads the batch statistics its model computes (batches of 12, 12 and 8):
-    each batch's mean and std and the whole set's, as NumPy computes them from the tensors."""
-    from onnxobq.bn import float_reference
-    model, x, calib = data
-    calib = CalibConfig(source=calib.source, batch_size=12)
-    names = {"n1": onnx.TensorProto.FLOAT, "y": onnx.TensorProto.FLOAT}
-    ref = float_reference(model, names, calib, "cpu", 13)
-    assert len(ref.batch_moments) == 3 and len(ref.outputs) == 3
-    for i, got in enumerate(ref.batch_moments):
-        want = moments(model, x[12 * i:12 * i + 12], list(names))
-        for n in names:
-            np.testing.assert_allclose(got[n][0].ravel(), want[n][0], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(got[n][1].ravel(), want[n][1], rtol=1e-5, atol=1e-6)
-    whole = moments(model, x, list(names))
-    for n in names:
-        np.testing.assert_allclose(ref.moments[n].mean(), whole[n][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.sqrt(ref.moments[n].var()), whole[n][1], rtol=1e-5, atol=1e-6)
