@@ -36,6 +36,10 @@ from .export.graph_edit import constant_holder
 from .solve import QuantizedLayer
 
 VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
+# Moments.of sums squares in float32 runs of this many values. On the 2-core machine, for a
+# (8, 64, 112, 112) batch of ResNet-50's conv outputs, Moments.of took 3.8 ms where float64
+# sums took 8.3 ms, its sums of squares within 1.3e-7 of exact float64 ones.
+SQUARES_RUN = 4096
 # Keep the result only if it lowers the output error on the calibration data by 1% or more:
 # a change within noise there is no evidence that it helps on other data.
 KEEP_RATIO = 0.99
@@ -51,11 +55,18 @@ class Moments:
 
     @classmethod
     def of(cls, a: np.ndarray) -> "Moments":
-        """The moments of one array, summed in float64 without a float64 copy of it."""
-        axes = (0,) + tuple(range(2, a.ndim))
+        """The moments of one array, without a float64 copy of it: each sample's channel is
+        summed in the array's dtype (NumPy sums a row pairwise), and its squares in runs of
+        SQUARES_RUN values (np.einsum sums a run in SIMD lanes, not pairwise), the partial
+        sums then in float64."""
+        r = a.reshape(a.shape[0], a.shape[1], -1)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported instead
-            return cls(a.sum(axis=axes, dtype=np.float64), np.square(a).sum(axis=axes, dtype=np.float64),
-                       a.size // a.shape[1])
+            total = r.sum(axis=2).sum(axis=0, dtype=np.float64)
+            squares = np.zeros(a.shape[1], np.float64)
+            for i in range(0, r.shape[2], SQUARES_RUN):
+                run = r[:, :, i:i + SQUARES_RUN]
+                squares += np.einsum("ncm,ncm->c", run, run)
+        return cls(total, squares, a.size // a.shape[1])
 
     def add(self, other: "Moments") -> None:
         """Add another batch's moments to these."""

@@ -113,3 +113,17 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
     again = reestimate(model, layers, BNConfig(), calib, opset=13, symmetric=True)
     assert again.error_before == pytest.approx(cached.error_before, rel=1e-6)  # sessions with other outputs fuse differently
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])
+def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
+    """Per-channel sums and sums of squares, the squares in float32 runs (of 1,000 here, so that
+    a 70 x 90 map takes seven), agree with float64 sums over every value but the channel's."""
+    from onnxobq import bn
+    monkeypatch.setattr(bn, "SQUARES_RUN", 1000)
+    a = (np.random.default_rng(16).standard_normal(shape) * 3 + 5).astype(np.float32)
+    m = bn.Moments.of(a)
+    a64 = a.astype(np.float64).swapaxes(0, 1).reshape(shape[1], -1)
+    assert m.count == a64.shape[1]
+    np.testing.assert_allclose(m.total, a64.sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(m.squares, (a64 ** 2).sum(axis=1), rtol=1e-6)
