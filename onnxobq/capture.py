@@ -366,20 +366,26 @@ class Products:
 @dataclass
 class Held:
     """Sample columns held back so that they are multiplied together: P (..., m) of a fixed
-    leading shape, up to ``capacity`` columns, in one buffer made at the first put."""
+    leading shape, up to ``capacity`` columns, in one buffer made at the first hold."""
 
     capacity: int
     buffer: object = field(default=None, repr=False)
     count: int = 0
 
-    def fits(self, m: int) -> bool:
-        return self.count + m <= self.capacity
-
-    def put(self, P, xp) -> None:
+    def hold(self, P, xp, multiply: Callable) -> None:
+        """Hold P's columns, first handing what is held to ``multiply`` where they would not fit
+        beside it. A P of more than half the capacity would share no gather: it goes to
+        ``multiply`` at once, uncopied."""
+        m = P.shape[-1]
+        if 2 * m > self.capacity:
+            multiply(P)
+            return
+        if self.count + m > self.capacity:
+            multiply(self.take())
         if self.buffer is None:
             self.buffer = xp.empty(P.shape[:-1] + (self.capacity,), np.float32)
-        self.buffer[..., self.count:self.count + P.shape[-1]] = P
-        self.count += P.shape[-1]
+        self.buffer[..., self.count:self.count + m] = P
+        self.count += m
 
     def take(self):
         """The columns held so far (a view of the buffer, valid until the next put); empties it."""
@@ -440,9 +446,7 @@ class HessianSum:
             return
         if self._waiting is None:
             self._waiting = Held(self.gather)
-        if not self._waiting.fits(m):
-            self.flush(xp, product)
-        self._waiting.put(P, xp)
+        self._waiting.hold(P, xp, lambda Q: self._multiply(Q, xp, product, 0, Q.shape[0]))
 
     def add_shifted(self, F, ring, kernel, count: int, product: Products) -> None:
         """Add one batch of a stride-1 2-D conv given as shifted_products(...) = (F, ring)
@@ -459,12 +463,7 @@ class HessianSum:
             np.add(self._shifts, F, out=self._shifts)
         for box, P in ring:
             held = self._ring.setdefault(box, Held(ring_columns(P.shape[0])))
-            if 2 * P.shape[1] > held.capacity:
-                self._subtract_ring(box, P, product)
-                continue
-            if not held.fits(P.shape[1]):
-                self._subtract_ring(box, held.take(), product)
-            held.put(P, np)
+            held.hold(P, np, lambda Q, box=box: self._subtract_ring(box, Q, product))
 
     def _subtract_ring(self, box, P, product: Products) -> None:
         (kh, kw), (h0, h1, w0, w1) = self._kernel, box
