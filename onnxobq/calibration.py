@@ -164,7 +164,12 @@ def random_shapes(cfg: CalibConfig, inputs: list[InputSpec]) -> dict:
 
 
 def random_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
-    """Seeded random tensors: standard normal for floats, 0/1 for integers and bools."""
+    """Seeded random tensors: standard normal for floats, 0/1 for integers and bools.
+
+    float32 inputs draw float32 values (NumPy's float32 ziggurat): 256 inputs of 3 x 416 x 416
+    (the YOLOX detector's) in chunks of 16 took 1.16 to 1.21 s against 1.53 to 1.72 s for
+    float64 draws cast down, on the 2-core machine, and every pass over the data (the capture
+    and BatchNorm's passes) draws them again."""
     rng = np.random.default_rng(cfg.seed)
     total = random_samples(cfg, inputs)
     shapes = random_shapes(cfg, inputs)
@@ -174,8 +179,10 @@ def random_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
         chunk = {}
         for spec in inputs:
             shape = (n,) + shapes[spec.name]
-            if np.issubdtype(spec.dtype, np.floating):
-                chunk[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            if spec.dtype in (np.float32, np.float64):   # drawn in that dtype, not cast from float64
+                chunk[spec.name] = rng.standard_normal(shape, dtype=spec.dtype)
+            elif np.issubdtype(spec.dtype, np.floating):
+                chunk[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
             else:
                 chunk[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
         yield chunk

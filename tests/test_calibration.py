@@ -333,6 +333,18 @@ def test_random_floats_are_standard_normal_and_ints_are_zero_or_one():
     assert b["mask"].dtype == bool and 0.4 < b["mask"].mean() < 0.6
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_random_floats_are_drawn_in_each_float_dtype(dtype):
+    (b,) = random_batches([spec([None, 500], dtype)], samples=100)
+    x = b["x"]
+    assert x.dtype == dtype and x.shape == (100, 500)
+    assert abs(x.astype(np.float64).mean()) < 0.01 and abs(x.astype(np.float64).std() - 1) < 0.01
+    # float32 and float64 are drawn in their own dtype (float16 from float32 draws), seed 0
+    drawn = np.random.default_rng(0).standard_normal((100, 500), dtype=np.float64 if dtype == np.float64
+                                                      else np.float32)
+    np.testing.assert_array_equal(x, drawn.astype(dtype))
+
+
 @pytest.mark.parametrize("given", [(1, 3, 5, 7), (3, 5, 7)])
 def test_random_shapes_fill_dynamic_dims(given):
     got = random_batches([spec([None, 3, None, None])], shapes={"x": given}, samples=20, batch_size=8)
