@@ -15,6 +15,10 @@ Nominal work, for the effective GFLOP/s column (flops = 2 x multiply-adds):
   (the sweep); gptq: (2/3) C^3 + R C^2 (it needs no diag(H^-1));
 * obq: (4/3) C^3 + (2/3) R C^3 (each row downdates its own C x C inverse C times).
 
+A scaling table (``--cols``/``--rows``) is followed, for FastOBQ and GPTQ, by the fitted
+model seconds = F / rate_F + R C^2 / rate_S + fixed, with F the C^3 term above, and each
+cell's measured time beside the model's (``fit_cost_model``).
+
 Exact OBQ processes rows in batches (``onnxobq.solvers.obq.row_batch``: as many
 inverse-Hessian copies as ``ROW_BATCH_BYTES`` holds). Here it solves whole batches holding at least
 ``--obq-rows`` rows of each problem, and its time is scaled by the number of batches
@@ -63,6 +67,55 @@ def nominal_flops(method: str, G: int, R: int, C: int) -> float:
     if method == "gptq":
         base /= 2
     return base + G * R * C ** 2
+
+
+def fit_cost_model(method: str, cells: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Fit seconds = a * F + b * S + c over a scaling table's cells (R, C, seconds).
+
+    F is the factorisations' nominal flops ((4/3) C^3 for FastOBQ, (2/3) C^3 for GPTQ), S the
+    sweep's (R C^2), c a fixed cost per solve (launches, Python). The fit minimises the squared
+    relative error with every coefficient >= 0 (each subset of the three terms is fitted and
+    the best one with no negative coefficient kept). Returns (a, b, c): 1/a and 1/b are the
+    effective flop rates of the two parts, c is in seconds.
+    """
+    import itertools
+
+    factor = nominal_flops(method, 1, 0, 1)           # (4/3) or (2/3): the C^3 coefficient
+    X = np.array([[factor * C ** 3, R * C ** 2, 1.0] for R, C, _ in cells])
+    t = np.array([sec for _, _, sec in cells])
+    best, best_err = (0.0, 0.0, float(t.mean())), np.inf
+    for k in (3, 2, 1):
+        for cols in itertools.combinations(range(3), k):
+            A = X[:, cols] / t[:, None]                    # relative residuals: rows scaled by 1/t
+            coef = np.linalg.lstsq(A, np.ones(len(t)), rcond=None)[0]
+            if (coef < 0).any():
+                continue
+            err = float(((A @ coef - 1) ** 2).sum())
+            if err < best_err - 1e-12:
+                full = np.zeros(3)
+                full[list(cols)] = coef
+                best, best_err = tuple(float(v) for v in full), err
+    return best
+
+
+def print_cost_model(records: list[dict], methods: list[str]) -> dict:
+    """Beside each scaling-table cell, the time the fitted O(C^3 + R C^2) model gives it."""
+    fits = {}
+    for m in methods:
+        if m not in ("fastobq", "gptq"):
+            continue
+        rows = [r for r in records if r["method"] == m]
+        a, b, c = fit_cost_model(m, [(r["R"], r["C"], r["seconds"]) for r in rows])
+        fits[m] = dict(factor_s_per_flop=a, sweep_s_per_flop=b, fixed_s=c)
+        rate = lambda k: f"{1 / k / 1e9:.1f} GFLOP/s" if k > 0 else "not resolved"  # noqa: E731
+        print(f"{m}: seconds = F / ({rate(a)}) + R C^2 / ({rate(b)}) + {c * 1e3:.2f} ms, "
+              f"F = {'(4/3)' if m == 'fastobq' else '(2/3)'} C^3")
+        print(f"{'R':>6} {'C':>6} {'measured s':>11} {'model s':>10} {'ratio':>6}")
+        for r in rows:
+            model = a * nominal_flops(m, 1, 0, r["C"]) + b * r["R"] * r["C"] ** 2 + c
+            r["model_seconds"] = model
+            print(f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f} {r['seconds'] / model:>6.2f}")
+    return fits
 
 
 def obq_sample_rows(R: int, C: int, itemsize: int, want: int, xp) -> int:
@@ -219,6 +272,9 @@ def main(argv=None) -> int:
         print(f"stacked as onnxobq quantize solves them on a GPU ({count} solves for {len(layers)} layers): "
               + ", ".join(f"{m} {stacked[m]:.3f} s ({totals[m] / stacked[m]:.2f}x faster than one by one)"
                           for m in stack_methods))
+    fits = None
+    if not layers and len(shapes) >= 3:
+        fits = print_cost_model(records, methods)
     if any(r["extrapolated"] for r in records):
         print("* exact OBQ solved only some of the rows (whole row batches, at least "
               f"{args.obq_rows}); its time is scaled by the number of row batches")
@@ -228,7 +284,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(device=device, dtype=dtype, platform=platform.platform(),
                                              argv=sys.argv, records=records, totals=totals,
-                                             stacked_totals=stacked), indent=1))
+                                             stacked_totals=stacked, cost_model=fits), indent=1))
     return 0
 
 

@@ -36,3 +36,33 @@ def test_obq_per_shape_times_each_shape_once_and_counts_it_for_every_layer(tmp_p
     assert [by[n]["same_shape_as_earlier"] for n in ("n4", "n10", "n12", "n22")] == [False, False, True, True]
     assert by["n12"]["seconds"] == by["n22"]["seconds"] == by["n10"]["seconds"]
     assert rec["totals"]["obq"] == pytest.approx(by["n4"]["seconds"] + 3 * by["n10"]["seconds"])
+
+
+@pytest.mark.parametrize("method,coef", [("fastobq", (2e-11, 5e-12, 4e-3)), ("gptq", (1e-10, 3e-11, 0.0)),
+                                         ("fastobq", (0.0, 1e-11, 1e-3))])
+def test_cost_model_recovers_the_coefficients_of_exact_times(method, coef):
+    """Times made from a known a F + b R C^2 + c give back a, b and c."""
+    a, b, c = coef
+    factor = 4 / 3 if method == "fastobq" else 2 / 3
+    cells = [(R, C, a * factor * C ** 3 + b * R * C ** 2 + c) for C in (256, 1024, 4096) for R in (256, 4096)]
+    np.testing.assert_allclose(solve_bench.fit_cost_model(method, cells), coef, rtol=1e-6, atol=1e-15)
+
+
+def test_cost_model_keeps_coefficients_non_negative():
+    """Times that fall with C would need a negative C^3 term: the fit drops it instead."""
+    cells = [(256, 256, 3.0), (256, 512, 2.0), (256, 1024, 1.0)]
+    assert min(solve_bench.fit_cost_model("gptq", cells)) >= 0
+
+
+def test_scaling_table_prints_the_model_beside_each_cell(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    solve_bench.main(["--cols", "16,32", "--rows", "4,8", "--methods", "gptq", "--repeat", "1",
+                      "--json", str(out)])
+    text = capsys.readouterr().out
+    rec = json.loads(out.read_text())
+    fit = rec["cost_model"]["gptq"]
+    assert "gptq: seconds = F / (" in text and "model s" in text
+    for r in rec["records"]:
+        model = fit["factor_s_per_flop"] * (2 / 3) * r["C"] ** 3 + fit["sweep_s_per_flop"] * r["R"] * r["C"] ** 2 \
+            + fit["fixed_s"]
+        assert f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f}" in text
