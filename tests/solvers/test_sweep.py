@@ -117,10 +117,10 @@ def test_absolute_damping_matches_direct_loop():
     np.testing.assert_allclose(res.Q[0], ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("C", [5, 70, 130])
+@pytest.mark.parametrize("C", [5, 70, 130, 301])          # LAPACK alone; halves, split unevenly
 def test_inverse_factors_match_the_explicit_inverse(C):
     """U from the reversed Cholesky is GPTQ's upper factor of A^-1, and the diagonal of A^-1 is right."""
-    from onnxobq.solvers.common import cholesky, inverse_diagonal, upper_inverse_factor
+    from onnxobq.solvers.common import inverse_cholesky, inverse_diagonal, upper_inverse_factor
 
     r = np.random.default_rng(C)
     X = r.standard_normal((2, C, 3 * C))
@@ -129,11 +129,53 @@ def test_inverse_factors_match_the_explicit_inverse(C):
     U, ok = upper_inverse_factor(A, np)
     assert ok.all() and np.array_equal(U, np.triu(U))
     np.testing.assert_allclose(U, np.swapaxes(np.linalg.cholesky(inv), -1, -2), rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(inverse_diagonal(cholesky(A, np)[0], np), np.diagonal(inv, axis1=1, axis2=2),
+    np.testing.assert_allclose(inverse_diagonal(inverse_cholesky(A, np)[0], np), np.diagonal(inv, axis1=1, axis2=2),
                                rtol=1e-10)
 
 
-@pytest.mark.parametrize("C", [90, 301])                  # one LAPACK inverse; halves, split unevenly
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("C", [90, 129, 301, 600])       # LAPACK alone; halves of 64 + 65; three levels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inverse_cholesky_is_the_inverse_of_lapacks_factor(dtype, C, upper):
+    """L^-1 for A = L L^T; with upper, the U with U^T U = A^-1 (the transposed lower factor of A^-1)."""
+    from onnxobq.solvers.common import inverse_cholesky
+
+    r = np.random.default_rng(C)
+    X = r.standard_normal((3, C, 2 * C))
+    A = X @ X.transpose(0, 2, 1) / C + 0.05 * np.eye(C)
+    got, ok = inverse_cholesky(A.astype(dtype), np, upper)
+    triangle = np.triu if upper else np.tril
+    assert ok.all() and got.dtype == dtype and np.array_equal(got, triangle(got))
+    if upper:
+        want = np.swapaxes(np.linalg.cholesky(np.linalg.inv(A)), 1, 2)
+    else:
+        want = np.linalg.inv(np.linalg.cholesky(A))
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=(2e-4 if dtype == np.float32 else 1e-11) * scale)
+
+
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("C,bad", [(50, 0), (300, 7), (300, 250)])   # the failure in the first or the second half
+def test_inverse_cholesky_fails_only_the_matrix_that_is_not_positive_definite(C, bad, upper):
+    """A stack of three where the middle matrix has a negative diagonal entry at ``bad``: it
+    gets the identity and ok False, the others their exact factors."""
+    from onnxobq.solvers.common import inverse_cholesky
+
+    r = np.random.default_rng(1)
+    X = r.standard_normal((3, C, 2 * C))
+    A = X @ X.transpose(0, 2, 1) / C + 0.05 * np.eye(C)
+    A[1, bad, bad] = -1.0
+    got, ok = inverse_cholesky(A, np, upper)
+    assert ok.tolist() == [True, False, True]
+    np.testing.assert_array_equal(got[1], np.eye(C))
+    for g in (0, 2):
+        want = np.linalg.inv(np.linalg.cholesky(A[g]))
+        if upper:
+            want = np.linalg.cholesky(np.linalg.inv(A[g])).T
+        np.testing.assert_allclose(got[g], want, rtol=0, atol=1e-11 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("C", [30, 90])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lower_inverse_inverts_each_triangle_and_keeps_the_dtype(dtype, C):
     from onnxobq.solvers.common import lower_inverse
