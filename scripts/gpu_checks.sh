@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4 in one call of the device machine (about 5 minutes on an H100):
 #   1. the GPU tests (pytest -m gpu);
-#   2. the solver alone over ResNet-50's 54 layers, one by one and stacked (FastOBQ, GPTQ);
+#   2. the solver alone over ResNet-50's 54 layers, one by one and stacked (FastOBQ, GPTQ), as it
+#      is and with common.GPU_RECURSIVE_MIN_COLS = 1024 (inverse factors by halves);
 #   3. the float32 scaling table, d_col 256..8192 by d_row 256..4096, with its fitted cost model;
 #   4. end to end, ResNet-50 W4 on 2,048 random images in batches of 64, BN off (FastOBQ).
 # Each step's output goes to $OUT/NAME.log (and JSON where the script writes some), and
@@ -51,7 +52,10 @@ step() {   # step NAME LIMIT_SECONDS COMMAND...
 
 step tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py
 step solve_resnet50 120 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
-    --methods fastobq,gptq --repeat 3 --stacked --json "$OUT/solve_resnet50.json"
+    --methods fastobq,gptq --repeat 3 --stacked
+# the same with the inverse Cholesky factors of layers of 1,024+ columns built by halves
+step solve_resnet50_rec 120 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
+    --methods fastobq,gptq --repeat 3 --stacked --gpu-recursive-min-cols 1024
 step scaling 150 python3 scripts/solve_bench.py --device "$DEVICE" --cols "$COLS" --rows "$ROWS" \
     --methods fastobq,gptq --repeat 2 --json "$OUT/scaling.json"
 step e2e_resnet50 150 python3 scripts/speed_bench.py --models resnet50 --methods fastobq \

@@ -222,10 +222,17 @@ def main(argv=None) -> int:
     p.add_argument("--obq-per-shape", action="store_true",
                    help="time exact OBQ once per layer shape (G, R, C) and count that time for every "
                         "layer of the shape (its work does not depend on the values)")
+    p.add_argument("--gpu-recursive-min-cols", type=float, default=None,
+                   help="set onnxobq.solvers.common.GPU_RECURSIVE_MIN_COLS: on CuPy, layers of at least "
+                        "this many columns build their inverse Cholesky factors by halves in matrix "
+                        "products (default: the package's value)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
     from onnxobq.backend import array_module
+    from onnxobq.solvers import common
+    if args.gpu_recursive_min_cols is not None:
+        common.GPU_RECURSIVE_MIN_COLS = args.gpu_recursive_min_cols
     xp = array_module(args.device)
     dtype = args.precision or ("float32" if args.device == "cuda" else "float64")
     methods = args.methods.split(",")
@@ -242,7 +249,7 @@ def main(argv=None) -> int:
     if xp.__name__ == "cupy":
         props = xp.cuda.runtime.getDeviceProperties(0)
         device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    print(f"device {device}, {dtype}, best of {args.repeat}")
+    print(f"device {device}, {dtype}, best of {args.repeat}, GPU_RECURSIVE_MIN_COLS {common.GPU_RECURSIVE_MIN_COLS:g}")
     print(f"{'problem':>22} {'G':>4} {'R':>5} {'C':>5} " + " ".join(f"{m + ' s':>12} {'GF/s':>7}" for m in methods))
     records, totals, per_shape = [], {m: 0.0 for m in methods}, {}
     for name, G, R, C in shapes:
@@ -283,6 +290,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(device=device, dtype=dtype, platform=platform.platform(),
+                                             gpu_recursive_min_cols=None if np.isinf(common.GPU_RECURSIVE_MIN_COLS)
+                                             else common.GPU_RECURSIVE_MIN_COLS,
                                              argv=sys.argv, records=records, totals=totals,
                                              stacked_totals=stacked, cost_model=fits), indent=1))
     return 0

@@ -163,6 +163,25 @@ def test_inverse_factors_match_numpy(cp):
         np.testing.assert_allclose(to_numpy(d), inverse_diagonal(inverse_cholesky(A, np)[0], np), rtol=1e-9)
 
 
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_recursive_inverse_cholesky_on_cupy_matches_numpy(cp, monkeypatch, dtype, upper):
+    """With GPU_RECURSIVE_MIN_COLS lowered, CuPy builds the inverse factors by halves too: the
+    same factors as NumPy's, and the identity for the matrix that is not positive definite."""
+    from onnxobq.solvers import common
+
+    monkeypatch.setattr(common, "GPU_RECURSIVE_MIN_COLS", 200)
+    r = np.random.default_rng(2)
+    X = r.standard_normal((3, 300, 600))
+    A = X @ X.transpose(0, 2, 1) / 300 + 0.05 * np.eye(300)
+    A[1, 250, 250] = -1.0
+    got, ok = common.inverse_cholesky(cp.asarray(A, dtype=dtype), cp, upper)
+    want, want_ok = common.inverse_cholesky(A, np, upper)
+    assert to_numpy(ok).tolist() == want_ok.tolist() == [True, False, True]
+    tol = (1e-3 if dtype == "float32" else 1e-10) * np.abs(want).max()
+    np.testing.assert_allclose(to_numpy(got), want, rtol=0, atol=tol)
+
+
 def test_uploader_copies_through_its_pinned_buffer(cp):
     """Uploads of growing and shrinking sizes (the buffer is reused) arrive intact, cast to the dtype."""
     from onnxobq.backend import Uploader

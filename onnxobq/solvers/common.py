@@ -134,29 +134,39 @@ def inverse_cholesky(A, xp, upper: bool = False):
     reporting failure per matrix instead of raising. With ``upper``, the upper triangular U
     with U^T U = A^-1 instead (GPTQ's upper Cholesky factor of A^-1, see upper_inverse_factor).
 
-    On NumPy it is built by halves in matrix products (_recursive_inverse_cholesky), on CuPy
-    from cuSOLVER's factor and a triangular inverse.
+    On NumPy, and on CuPy from GPU_RECURSIVE_MIN_COLS columns, it is built by halves in matrix
+    products (_recursive_inverse_cholesky); otherwise from the library's Cholesky factor and a
+    triangular inverse.
 
     Returns:
         (X, ok): X (G, C, C), the identity where the factorisation failed; ok (G,) bool.
     """
-    if xp is not np:
-        if upper:                               # J A J = M M^T gives U = J M^-1 J
-            M, ok = cholesky(_reversed(A, xp), xp)
-            return _reversed(lower_inverse(M, xp), xp), ok
-        L, ok = cholesky(A, xp)
-        return lower_inverse(L, xp), ok
-    X, ok = _recursive_inverse_cholesky(A, upper)
-    return identity_where_failed(X, ok, np), ok
+    if xp is np or A.shape[-1] >= GPU_RECURSIVE_MIN_COLS:
+        X, ok = _recursive_inverse_cholesky(A, upper, xp)
+        return identity_where_failed(X, ok, xp), ok
+    return _factor_then_invert(A, upper, xp)
 
 
-# Below this size _recursive_inverse_cholesky factors with LAPACK and inverts the factor.
+def _factor_then_invert(A, upper: bool, xp):
+    """inverse_cholesky from the library's Cholesky factor and lower_inverse."""
+    if upper:                                   # J A J = M M^T gives U = J M^-1 J
+        M, ok = cholesky(_reversed(A, xp), xp)
+        return _reversed(lower_inverse(M, xp), xp), ok
+    L, ok = cholesky(A, xp)
+    return lower_inverse(L, xp), ok
+
+
+# Below this size _recursive_inverse_cholesky factors with the library and inverts the factor.
 RECURSIVE_BASE = 128
+# From this many columns CuPy takes _recursive_inverse_cholesky too. Not yet measured on a GPU,
+# so it is off: `solve_bench.py --gpu-recursive-min-cols N` (run by scripts/gpu_checks.sh) times
+# the two ways on the same layers.
+GPU_RECURSIVE_MIN_COLS = float("inf")
 
 
-def _recursive_inverse_cholesky(A, upper: bool):
-    """inverse_cholesky on NumPy, by halves. For the lower factor, with A = [[A11, A21^T],
-    [A21, A22]] and X11 = L11^-1:
+def _recursive_inverse_cholesky(A, upper: bool, xp):
+    """inverse_cholesky by halves. For the lower factor, with A = [[A11, A21^T], [A21, A22]]
+    and X11 = L11^-1:
 
         L21 = A21 X11^T,   X22 = (lower factor of A22 - L21 L21^T)^-1,
         L^-1 = [[X11, 0], [-X22 L21 X11, X22]].
@@ -164,12 +174,13 @@ def _recursive_inverse_cholesky(A, upper: bool):
     The upper U (A = V V^T for V = U^-1 upper) is the same with the halves' roles swapped:
     U22 from A22 first, then V12 = A12 U22^T, U11 from A11 - V12 V12^T, U12 = -U11 V12 U22.
 
-    That is (2/3) C^3 multiply-adds, twice LAPACK's Cholesky factorisation and triangular
-    inverse together, but all of it in matrix products. NumPy's Cholesky ran at about a
-    seventh of its matrix-product rate on 2 cores: for damped float64 Hessians of C = 4,608
-    and 2,304 (the solve_bench problems), the factor and its inverse took 0.91 s and 0.14 s
-    this way against 2.21 s and 0.28 s (np.linalg.cholesky, then the factor's inverse by halves
-    in matrix products), with the same residual |X A X^T - I| (1e-15).
+    That is (2/3) C^3 multiply-adds, twice a Cholesky factorisation and a triangular inverse
+    together, but all of it in matrix products, where NumPy's Cholesky ran at about a seventh
+    of its matrix-product rate on 2 cores. For a damped float64 Hessian of C = 4,608 (a
+    solve_bench problem) the factor's inverse took 0.99 to 1.01 s this way, against 2.5 to
+    3.2 s for the code before it (np.linalg.cholesky, its inverse by halves, and their
+    full-size temporaries), and np.linalg.cholesky alone took 1.2 to 1.3 s; at C = 2,304,
+    0.16 s against 0.32 to 0.54 s. The residual |X A X^T - I| stayed 1e-15.
     A failed block (not positive definite) fails its whole matrix.
 
     Returns:
@@ -177,17 +188,13 @@ def _recursive_inverse_cholesky(A, upper: bool):
     """
     n = A.shape[-1]
     if n <= RECURSIVE_BASE:
-        if upper:
-            M, ok = cholesky(_reversed(A, np), np)
-            return _reversed(np.tril(np.linalg.inv(M)), np), ok
-        L, ok = cholesky(A, np)
-        return np.tril(np.linalg.inv(L)), ok
+        return _factor_then_invert(A, upper, xp)
     h = n // 2
     first, second = (slice(h, n), slice(0, h)) if upper else (slice(0, h), slice(h, n))
-    X1, ok1 = _recursive_inverse_cholesky(A[:, first, first], upper)
-    P = A[:, second, first] @ np.swapaxes(X1, 1, 2)          # L21 (V12 for the upper factor)
-    X2, ok2 = _recursive_inverse_cholesky(A[:, second, second] - P @ np.swapaxes(P, 1, 2), upper)
-    X = np.zeros_like(A)
+    X1, ok1 = _recursive_inverse_cholesky(A[:, first, first], upper, xp)
+    P = A[:, second, first] @ xp.swapaxes(X1, 1, 2)          # L21 (V12 for the upper factor)
+    X2, ok2 = _recursive_inverse_cholesky(A[:, second, second] - P @ xp.swapaxes(P, 1, 2), upper, xp)
+    X = xp.zeros_like(A)
     X[:, first, first] = X1
     X[:, second, second] = X2
     X[:, second, first] = -(X2 @ (P @ X1))    # below the diagonal, or above it for the upper U

@@ -66,3 +66,15 @@ def test_scaling_table_prints_the_model_beside_each_cell(capsys, tmp_path):
         model = fit["factor_s_per_flop"] * (2 / 3) * r["C"] ** 3 + fit["sweep_s_per_flop"] * r["R"] * r["C"] ** 2 \
             + fit["fixed_s"]
         assert f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f}" in text
+
+
+def test_gpu_recursive_min_cols_sets_the_solver_constant(monkeypatch, tmp_path, capsys):
+    from onnxobq.solvers import common
+
+    monkeypatch.setattr(common, "GPU_RECURSIVE_MIN_COLS", common.GPU_RECURSIVE_MIN_COLS)  # restored after
+    out = tmp_path / "r.json"
+    solve_bench.main(["--cols", "16", "--rows", "4", "--methods", "gptq", "--repeat", "0",
+                      "--gpu-recursive-min-cols", "512", "--json", str(out)])
+    assert common.GPU_RECURSIVE_MIN_COLS == 512
+    assert "GPU_RECURSIVE_MIN_COLS 512" in capsys.readouterr().out
+    assert json.loads(out.read_text())["gpu_recursive_min_cols"] == 512
