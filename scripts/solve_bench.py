@@ -16,8 +16,9 @@ Nominal work, for the effective GFLOP/s column (flops = 2 x multiply-adds):
 * obq: (4/3) C^3 + (2/3) R C^3 (each row downdates its own C x C inverse C times).
 
 A scaling table (``--cols``/``--rows``) is followed, for FastOBQ and GPTQ, by the fitted
-model seconds = F / rate_F + R C^2 / rate_S + fixed, with F the C^3 term above, and each
-cell's measured time beside the model's (``fit_cost_model``).
+model seconds = F / rate_F + R C^2 / rate_S + d R C + fixed, with F the C^3 term above, each
+cell's measured time beside the model's, and the share of the model's time in the expected
+O(C^3 + R C^2) terms (``fit_cost_model``).
 
 Exact OBQ processes rows in batches (``onnxobq.solvers.obq.row_batch``: as many
 inverse-Hessian copies as ``ROW_BATCH_BYTES`` holds). Here it solves whole batches holding at least
@@ -69,52 +70,63 @@ def nominal_flops(method: str, G: int, R: int, C: int) -> float:
     return base + G * R * C ** 2
 
 
-def fit_cost_model(method: str, cells: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Fit seconds = a * F + b * S + c over a scaling table's cells (R, C, seconds).
+def fit_cost_model(method: str, cells: list[tuple[int, int, float]]) -> tuple[float, float, float, float]:
+    """Fit seconds = a F + b S + d R C + c over a scaling table's cells (R, C, seconds).
 
-    F is the factorisations' nominal flops ((4/3) C^3 for FastOBQ, (2/3) C^3 for GPTQ), S the
-    sweep's (R C^2), c a fixed cost per solve (launches, Python). The fit minimises the squared
-    relative error with every coefficient >= 0 (each subset of the three terms is fitted and
-    the best one with no negative coefficient kept). Returns (a, b, c): 1/a and 1/b are the
-    effective flop rates of the two parts, c is in seconds.
+    F is the factorisations' nominal flops ((4/3) C^3 for FastOBQ, (2/3) C^3 for GPTQ) and S
+    the sweep's (R C^2): the expected O(C^3 + R C^2). R C counts the per-column work (each
+    column's rounding and its update of the rest of its inner block, R x INNER_BLOCK / 2
+    elements), which O() drops but which is memory-bound; c is a fixed cost per solve
+    (launches, Python). The fit minimises the squared relative error with every coefficient
+    >= 0 (each subset of the four terms is fitted, and the best one with no negative
+    coefficient kept). Returns (a, b, d, c): 1/a and 1/b are the effective flop rates of the
+    two O() parts, d the seconds per weight of the per-column work, c seconds.
     """
     import itertools
 
     factor = nominal_flops(method, 1, 0, 1)           # (4/3) or (2/3): the C^3 coefficient
-    X = np.array([[factor * C ** 3, R * C ** 2, 1.0] for R, C, _ in cells])
+    X = np.array([[factor * C ** 3, R * C ** 2, R * C, 1.0] for R, C, _ in cells])
     t = np.array([sec for _, _, sec in cells])
-    best, best_err = (0.0, 0.0, float(t.mean())), np.inf
-    for k in (3, 2, 1):
-        for cols in itertools.combinations(range(3), k):
+    best, best_err = (0.0, 0.0, 0.0, float(t.mean())), np.inf
+    for k in (4, 3, 2, 1):
+        for cols in itertools.combinations(range(4), k):
             A = X[:, cols] / t[:, None]                    # relative residuals: rows scaled by 1/t
             coef = np.linalg.lstsq(A, np.ones(len(t)), rcond=None)[0]
             if (coef < 0).any():
                 continue
             err = float(((A @ coef - 1) ** 2).sum())
             if err < best_err - 1e-12:
-                full = np.zeros(3)
+                full = np.zeros(4)
                 full[list(cols)] = coef
                 best, best_err = tuple(float(v) for v in full), err
     return best
 
 
+def model_seconds(method: str, fit: tuple, R: int, C: int) -> float:
+    a, b, d, c = fit
+    return a * nominal_flops(method, 1, 0, C) + b * R * C ** 2 + d * R * C + c
+
+
 def print_cost_model(records: list[dict], methods: list[str]) -> dict:
-    """Beside each scaling-table cell, the time the fitted O(C^3 + R C^2) model gives it."""
+    """Beside each scaling-table cell, the time the fitted cost model gives it."""
     fits = {}
     for m in methods:
         if m not in ("fastobq", "gptq"):
             continue
         rows = [r for r in records if r["method"] == m]
-        a, b, c = fit_cost_model(m, [(r["R"], r["C"], r["seconds"]) for r in rows])
-        fits[m] = dict(factor_s_per_flop=a, sweep_s_per_flop=b, fixed_s=c)
+        fit = fit_cost_model(m, [(r["R"], r["C"], r["seconds"]) for r in rows])
+        a, b, d, c = fit
+        fits[m] = dict(factor_s_per_flop=a, sweep_s_per_flop=b, per_weight_s=d, fixed_s=c)
         rate = lambda k: f"{1 / k / 1e9:.1f} GFLOP/s" if k > 0 else "not resolved"  # noqa: E731
-        print(f"{m}: seconds = F / ({rate(a)}) + R C^2 / ({rate(b)}) + {c * 1e3:.2f} ms, "
-              f"F = {'(4/3)' if m == 'fastobq' else '(2/3)'} C^3")
-        print(f"{'R':>6} {'C':>6} {'measured s':>11} {'model s':>10} {'ratio':>6}")
+        print(f"{m}: seconds = F / ({rate(a)}) + R C^2 / ({rate(b)}) + R C x {d * 1e9:.2f} ns "
+              f"+ {c * 1e3:.2f} ms, F = {'(4/3)' if m == 'fastobq' else '(2/3)'} C^3")
+        print(f"{'R':>6} {'C':>6} {'measured s':>11} {'model s':>10} {'ratio':>6} {'O() share':>9}")
         for r in rows:
-            model = a * nominal_flops(m, 1, 0, r["C"]) + b * r["R"] * r["C"] ** 2 + c
+            model = model_seconds(m, fit, r["R"], r["C"])
             r["model_seconds"] = model
-            print(f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f} {r['seconds'] / model:>6.2f}")
+            share = (a * nominal_flops(m, 1, 0, r["C"]) + b * r["R"] * r["C"] ** 2) / model
+            print(f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f} {r['seconds'] / model:>6.2f} "
+                  f"{share:>9.2f}")
     return fits
 
 

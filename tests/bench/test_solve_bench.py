@@ -38,13 +38,14 @@ def test_obq_per_shape_times_each_shape_once_and_counts_it_for_every_layer(tmp_p
     assert rec["totals"]["obq"] == pytest.approx(by["n4"]["seconds"] + 3 * by["n10"]["seconds"])
 
 
-@pytest.mark.parametrize("method,coef", [("fastobq", (2e-11, 5e-12, 4e-3)), ("gptq", (1e-10, 3e-11, 0.0)),
-                                         ("fastobq", (0.0, 1e-11, 1e-3))])
+@pytest.mark.parametrize("method,coef", [("fastobq", (2e-11, 5e-12, 3e-9, 4e-3)), ("gptq", (1e-10, 3e-11, 0.0, 0.0)),
+                                         ("fastobq", (0.0, 1e-11, 1e-8, 1e-3))])
 def test_cost_model_recovers_the_coefficients_of_exact_times(method, coef):
-    """Times made from a known a F + b R C^2 + c give back a, b and c."""
-    a, b, c = coef
+    """Times made from a known a F + b R C^2 + d R C + c give back a, b, d and c."""
+    a, b, d, c = coef
     factor = 4 / 3 if method == "fastobq" else 2 / 3
-    cells = [(R, C, a * factor * C ** 3 + b * R * C ** 2 + c) for C in (256, 1024, 4096) for R in (256, 4096)]
+    cells = [(R, C, a * factor * C ** 3 + b * R * C ** 2 + d * R * C + c)
+             for C in (256, 1024, 4096) for R in (256, 1024, 4096)]
     np.testing.assert_allclose(solve_bench.fit_cost_model(method, cells), coef, rtol=1e-6, atol=1e-15)
 
 
@@ -64,7 +65,7 @@ def test_scaling_table_prints_the_model_beside_each_cell(capsys, tmp_path):
     assert "gptq: seconds = F / (" in text and "model s" in text
     for r in rec["records"]:
         model = fit["factor_s_per_flop"] * (2 / 3) * r["C"] ** 3 + fit["sweep_s_per_flop"] * r["R"] * r["C"] ** 2 \
-            + fit["fixed_s"]
+            + fit["per_weight_s"] * r["R"] * r["C"] + fit["fixed_s"]
         assert f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f}" in text
 
 
