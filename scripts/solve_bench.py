@@ -102,9 +102,12 @@ def fit_cost_model(method: str, cells: list[tuple[int, int, float]]) -> tuple[fl
     return best
 
 
-def model_seconds(method: str, fit: tuple, R: int, C: int) -> float:
+def model_seconds(method: str, fit: tuple, R: int, C: int) -> tuple[float, float]:
+    """The fitted model's seconds for one (R, C) problem, and its share in the O() terms."""
     a, b, d, c = fit
-    return a * nominal_flops(method, 1, 0, C) + b * R * C ** 2 + d * R * C + c
+    expected = a * nominal_flops(method, 1, 0, C) + b * R * C ** 2
+    total = expected + d * R * C + c
+    return total, expected / total
 
 
 def print_cost_model(records: list[dict], methods: list[str]) -> dict:
@@ -122,9 +125,8 @@ def print_cost_model(records: list[dict], methods: list[str]) -> dict:
               f"+ {c * 1e3:.2f} ms, F = {'(4/3)' if m == 'fastobq' else '(2/3)'} C^3")
         print(f"{'R':>6} {'C':>6} {'measured s':>11} {'model s':>10} {'ratio':>6} {'O() share':>9}")
         for r in rows:
-            model = model_seconds(m, fit, r["R"], r["C"])
+            model, share = model_seconds(m, fit, r["R"], r["C"])
             r["model_seconds"] = model
-            share = (a * nominal_flops(m, 1, 0, r["C"]) + b * r["R"] * r["C"] ** 2) / model
             print(f"{r['R']:>6} {r['C']:>6} {r['seconds']:>11.4f} {model:>10.4f} {r['seconds'] / model:>6.2f} "
                   f"{share:>9.2f}")
     return fits
