@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CalibConfig, batches
+from .calibration import CalibConfig, Replay, batches
 from .capture import model_inputs, run, session
 from .config import BNConfig
 from .export import BNEdit, build_model
@@ -133,12 +133,21 @@ def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode
 
 # ----------------------------------------------------------------------------- the train-mode pass
 
+def _op(graph: gs.Graph, op: str, inputs: list, out, attrs: dict | None = None):
+    """Append a node that writes ``out`` (a new tensor's name, or a Variable); NumPy inputs
+    become constants. gs.Graph.layer does the same but lists every tensor of the graph on
+    each call, which took 2.5 s of the train-mode model's build for the detector's 83 Convs."""
+    y = out if isinstance(out, gs.Variable) else gs.Variable(out)
+    ins = [gs.Constant(f"{y.name}_c{i}", v) if isinstance(v, np.ndarray) else v for i, v in enumerate(inputs)]
+    graph.nodes.append(gs.Node(op, inputs=ins, outputs=[y], attrs=attrs or {}))
+    return y
+
+
 def _reduce_mean(graph: gs.Graph, x, opset: int, out: str):
     """Mean over axes 0 and 2 of an (N, C, L) tensor, kept as (1, C, 1)."""
     if opset >= 18:
-        return graph.layer(op="ReduceMean", inputs=[x, np.array([0, 2], np.int64)], outputs=[out],
-                           attrs={"keepdims": 1})[0]
-    return graph.layer(op="ReduceMean", inputs=[x], outputs=[out], attrs={"axes": [0, 2], "keepdims": 1})[0]
+        return _op(graph, "ReduceMean", [x, np.array([0, 2], np.int64)], out, {"keepdims": 1})
+    return _op(graph, "ReduceMean", [x], out, {"axes": [0, 2], "keepdims": 1})
 
 
 def _batch_normalise(graph: gs.Graph, x, y, scale, shift, opset: int, tag: str, dtype) -> None:
@@ -148,18 +157,15 @@ def _batch_normalise(graph: gs.Graph, x, y, scale, shift, opset: int, tag: str, 
     """
     t = lambda s: f"{tag}_{s}"  # noqa: E731
     as_c = lambda v: v.reshape(1, -1, 1).astype(dtype) if isinstance(v, np.ndarray) else v  # noqa: E731
-    shape = graph.layer(op="Shape", inputs=[x], outputs=[t("shape")])[0]
-    x3 = graph.layer(op="Reshape", inputs=[x, np.array([0, 0, -1], np.int64)], outputs=[t("x3")])[0]
+    shape = _op(graph, "Shape", [x], t("shape"))
+    x3 = _op(graph, "Reshape", [x, np.array([0, 0, -1], np.int64)], t("x3"))
     mean = _reduce_mean(graph, x3, opset, t("mean"))
-    d = graph.layer(op="Sub", inputs=[x3, mean], outputs=[t("d")])[0]
-    sq = graph.layer(op="Mul", inputs=[d, d], outputs=[t("sq")])[0]
-    var = _reduce_mean(graph, sq, opset, t("var"))
-    veps = graph.layer(op="Add", inputs=[var, np.array(VAR_FLOOR, dtype)], outputs=[t("veps")])[0]
-    std = graph.layer(op="Sqrt", inputs=[veps], outputs=[t("std")])[0]
-    xn = graph.layer(op="Div", inputs=[d, std], outputs=[t("xn")])[0]
-    ys = graph.layer(op="Mul", inputs=[xn, as_c(scale)], outputs=[t("ys")])[0]
-    y3 = graph.layer(op="Add", inputs=[ys, as_c(shift)], outputs=[t("y3")])[0]
-    graph.layer(op="Reshape", inputs=[y3, shape], outputs=[y])
+    d = _op(graph, "Sub", [x3, mean], t("d"))
+    var = _reduce_mean(graph, _op(graph, "Mul", [d, d], t("sq")), opset, t("var"))
+    veps = _op(graph, "Add", [var, np.array(VAR_FLOOR, dtype)], t("veps"))
+    xn = _op(graph, "Div", [d, _op(graph, "Sqrt", [veps], t("std"))], t("xn"))
+    y3 = _op(graph, "Add", [_op(graph, "Mul", [xn, as_c(scale)], t("ys")), as_c(shift)], t("y3"))
+    _op(graph, "Reshape", [y3, shape], y)
 
 
 def _detach(graph: gs.Graph, name: str, raw_name: str, dtype):
@@ -249,7 +255,7 @@ class FloatReference:
     outputs: list | None
 
 
-def float_reference(model, names: dict, calib: CalibConfig, device: str, on_batch=None) -> FloatReference:
+def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None) -> FloatReference:
     """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
     outs = [o.name for o in model.graph.output]
     sess = session(model, names, device)
@@ -272,7 +278,7 @@ def float_reference(model, names: dict, calib: CalibConfig, device: str, on_batc
     return ref
 
 
-def output_error(ref: FloatReference, model, q_model, calib: CalibConfig, device: str, on_batch=None) -> float:
+def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Replay, device: str, on_batch=None) -> float:
     """Relative squared error of the quantized model's outputs against the float model's
     (NaN when either is not finite)."""
     outs = [o.name for o in model.graph.output]
@@ -295,7 +301,7 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig, device
     return err / total if total > 0 else 0.0
 
 
-def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatReference, calib: CalibConfig,
+def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatReference, calib: CalibConfig | Replay,
                        device: str, on_batch=None) -> dict:
     """Population moments of the captured tensors in the train-mode model, fed the float
     model's per-batch moments."""
@@ -390,7 +396,7 @@ def _updates(graph, bns, targets, raw, fp_m, q_m, cfg: BNConfig, qlayers):
 
 
 def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNConfig,
-               calib: CalibConfig, opset: int, symmetric: bool, device: str = "cpu",
+               calib: CalibConfig | Replay, opset: int, symmetric: bool, device: str = "cpu",
                on_batch=None) -> BNOutcome:
     """Re-estimate BatchNorm statistics of the quantized model and keep them if they help.
 
@@ -398,7 +404,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         model: the float model.
         qlayers: the solved layers.
         cfg: what to re-estimate, fold and correct.
-        calib: calibration data (the same the Hessians came from).
+        calib: calibration data (the same the Hessians came from), or a Replay of it.
         opset, symmetric: as for the export.
         device: onnxruntime device.
         on_batch: called with the batch size after every batch of every pass (progress bars).

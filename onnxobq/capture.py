@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from .backend import Uploader, is_cupy
-from .calibration import CalibConfig, InputSpec, batches
+from .calibration import CalibConfig, InputSpec, Replay, batches
 from .errors import UserError
 from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
@@ -712,7 +712,7 @@ def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str
             for l in layers if l.input not in feeds}
 
 
-def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig, xp,
+def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int | None = None, sum_dtype: str = "float64") -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
@@ -720,7 +720,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     Args:
         model: the float model.
         layers: the layers to quantize.
-        calib: the calibration source.
+        calib: the calibration source, or a Replay of it.
         xp: numpy or cupy, where the Hessians accumulate.
         device: onnxruntime device choice.
         on_batch: called with the number of samples after each batch (progress bars).

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
 from .capture import Captured, capture_hessians
-from .calibration import planned_samples
+from .calibration import Replay, planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
@@ -44,13 +44,15 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
+    # BatchNorm's four passes replay the batches that the first pass read, where they fit
+    calib = Replay(cfg.calib) if cfg.calib is not None and cfg.bn.reestimate else cfg.calib
     if cfg.hessians is not None:
         with _stage(stages, "load_hessians"):
             captured = load_hessians(cfg.hessians, scan.layers, cfg.model, cfg.calib, xp)
     elif cfg.calib is not None:
         with _stage(stages, "capture"):
             progress.start("calibration", _planned(cfg, model))
-            captured = capture_hessians(model, scan.layers, cfg.calib, xp, cfg.device, progress.advance,
+            captured = capture_hessians(model, scan.layers, calib, xp, cfg.device, progress.advance,
                                         sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name)
             progress.finish()
     if cfg.save_hessians is not None:
@@ -64,7 +66,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.bn.reestimate and cfg.calib is not None:
         with _stage(stages, "bn"):
             progress.start("batchnorm", None)
-            outcome = reestimate(model, qlayers, cfg.bn, cfg.calib, opset, symmetric, cfg.device,
+            outcome = reestimate(model, qlayers, cfg.bn, calib, opset, symmetric, cfg.device,
                                  progress.advance)
             progress.finish()
     if outcome.kept:

@@ -115,6 +115,29 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
 
 
+def test_replayed_batches_give_the_model_that_reading_every_pass_gives(capsys, data, tmp_path, monkeypatch):
+    """The pipeline reads the calibration data once for the capture and BN's four passes;
+    with nothing kept (REPLAY_BYTES = 0) every pass reads it again, to the same model."""
+    from onnxobq import calibration
+    model, _, _ = data
+    onnx.save(model, tmp_path / "bn.onnx")
+    reads, read = [], calibration._read_batches
+    monkeypatch.setattr(calibration, "_read_batches", lambda cfg, inputs: reads.append(1) or read(cfg, inputs))
+    runs = {}
+    for limit in [calibration.REPLAY_BYTES, 0]:
+        monkeypatch.setattr(calibration, "REPLAY_BYTES", limit)
+        reads.clear()
+        code = main(["quantize", str(tmp_path / "bn.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
+                     "--batch-size", "8", "-o", str(tmp_path / f"q{limit}.onnx"), "-q"])
+        assert code == 0, capsys.readouterr().err
+        runs[limit] = (len(reads), onnx.load(tmp_path / f"q{limit}.onnx"))
+    (kept_reads, kept), (again_reads, again) = runs.values()
+    assert (kept_reads, again_reads) == (1, 5)
+    for a, b in zip(kept.graph.initializer, again.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert len(kept.graph.initializer) == len(again.graph.initializer) > 0
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])
 def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
     """Per-channel sums and sums of squares, the squares in float32 runs (of 1,000 here, so that

@@ -8,7 +8,7 @@ from onnx import helper
 from PIL import Image
 
 from onnxobq import pipeline
-from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, batch_size_for, batches,
+from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, batch_size_for, batches,
                                  planned_samples)
 from onnxobq.capture import model_inputs
 from onnxobq.cli import main
@@ -305,6 +305,58 @@ def test_samples_of_different_shapes_are_never_stacked(tmp_path):
     got = list(batches(CalibConfig(source=str(tmp_path)), fixed))
     assert [b["x"].shape for b in got] == [(2, 1, 2, 2), (2, 1, 3, 3)]
     assert firsts(got) == [[0, 1], [3, 4]]
+
+
+# ----------------------------------------------------------------------------- replay
+
+def counted_reads(monkeypatch):
+    """Count the passes that read the source (each call of calibration._read_batches)."""
+    from onnxobq import calibration
+    reads, read = [], calibration._read_batches
+
+    def counting(cfg, inputs):
+        reads.append(1)
+        return read(cfg, inputs)
+    monkeypatch.setattr(calibration, "_read_batches", counting)
+    return reads
+
+
+def test_replay_reads_the_source_once_and_gives_the_same_batches(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 5)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
+    want = list(batches(cfg, inputs))
+    reads = counted_reads(monkeypatch)
+    replay = Replay(cfg)
+    passes = [list(batches(replay, inputs)) for _ in range(3)]
+    assert len(reads) == 1
+    for got in passes:
+        assert firsts(got) == [[0, 1], [2, 3], [4]]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a["x"], b["x"])
+    with pytest.raises(ValueError, match="read-only"):
+        passes[1][0]["x"][0, 0] = 7     # a consumer may not change what later passes see
+
+
+def test_replay_past_its_limit_reads_every_pass(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 5)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
+    reads = counted_reads(monkeypatch)
+    replay = Replay(cfg, max_bytes=4 * 3 * 4)            # the first two batches fit, the third does not
+    passes = [firsts(batches(replay, inputs)) for _ in range(3)]
+    assert len(reads) == 3 and passes == [[[0, 1], [2, 3], [4]]] * 3
+
+
+def test_replay_keeps_only_a_complete_pass_for_the_same_inputs(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 5)
+    cfg = CalibConfig(source=source, batch_size=2)
+    reads = counted_reads(monkeypatch)
+    replay = Replay(cfg)
+    first = next(iter(batches(replay, [spec([None, 3])])))   # a pass left after one batch
+    assert firsts([first]) == [[0, 1]]
+    assert firsts(batches(replay, [spec([None, 3])])) == [[0, 1], [2, 3], [4]]
+    assert len(reads) == 2
+    assert firsts(batches(replay, [spec([1, 3])])) == [[0], [1], [2], [3], [4]]  # other inputs: read again
+    assert len(reads) == 3
 
 
 # ----------------------------------------------------------------------------- random
