@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 4 in one call of the device machine (about 5 minutes on an H100):
+# The GPU checks of issue 4 in one call of the device machine (about 5 minutes on an H100; the
+# step limits below add up to 500 s, so that one call fits the 600 s a command may run and a
+# session's 15 minutes of device time leave room for the machine's start):
 #   1. the GPU tests (pytest -m gpu);
 #   2. the solver alone over ResNet-50's 54 layers, one by one and stacked (FastOBQ, GPTQ), as it
 #      is and with common.GPU_RECURSIVE_MIN_COLS = 1024 (inverse factors by halves);
@@ -15,7 +17,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl onnx_graphsurgeon
 # then call the device tool's run with command "bash scripts/gpu_checks.sh", carry [".whl"]
-# and a timeout_s that leaves time for a second call.
+# and timeout_s 560.
 #
 # On a machine without a GPU, `DEVICE=cpu SMALL=1 bash scripts/gpu_checks.sh` runs the same
 # steps on small sizes (the GPU tests skip), to check the script itself.
@@ -50,15 +52,15 @@ step() {   # step NAME LIMIT_SECONDS COMMAND...
   python3 -c "import numpy, onnxruntime; print('numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__)";
   python3 -c "import cupy; print('cupy', cupy.__version__)" 2>&1; } > "$OUT/summary.txt"
 
-step tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py
-step solve_resnet50 120 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
+step tests 100 python3 -m pytest -q -m gpu tests/test_gpu.py
+step solve_resnet50 80 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
     --methods fastobq,gptq --repeat 3 --stacked
 # the same with the inverse Cholesky factors of layers of 1,024+ columns built by halves
-step solve_resnet50_rec 120 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
+step solve_resnet50_rec 80 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
     --methods fastobq,gptq --repeat 3 --stacked --gpu-recursive-min-cols 1024
-step scaling 150 python3 scripts/solve_bench.py --device "$DEVICE" --cols "$COLS" --rows "$ROWS" \
+step scaling 110 python3 scripts/solve_bench.py --device "$DEVICE" --cols "$COLS" --rows "$ROWS" \
     --methods fastobq,gptq --repeat 2 --json "$OUT/scaling.json"
-step e2e_resnet50 150 python3 scripts/speed_bench.py --models resnet50 --methods fastobq \
+step e2e_resnet50 130 python3 scripts/speed_bench.py --models resnet50 --methods fastobq \
     --devices "$DEVICE" --samples "$SAMPLES" --batch-size "$BATCH" --bits 4 --out /tmp/gpu_checks_e2e
 cp /tmp/gpu_checks_e2e/speed.json "$OUT/speed.json" 2>/dev/null || true
 cat "$OUT/summary.txt"
