@@ -109,6 +109,7 @@ class BNOutcome:
     reestimated: int = 0
     folded: int = 0
     corrected: int = 0
+    samples: int = 0          # the calibration samples its passes ran on
     notes: list[str] = field(default_factory=list)
 
 
@@ -253,15 +254,18 @@ class FloatReference:
     moments: dict
     batch_moments: list
     outputs: list | None
+    samples: int = 0
 
 
-def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None) -> FloatReference:
-    """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
+def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None,
+                    limit: int | None = None) -> FloatReference:
+    """Run the float model once over the first ``limit`` samples (default all), measuring
+    ``names`` (tensor -> ONNX type) and keeping its outputs."""
     outs = [o.name for o in model.graph.output]
     sess = session(model, names, device)
     ref = FloatReference({n: Moments() for n in names}, [], [])
     kept = 0
-    for feed in batches(calib, model_inputs(model)):
+    for feed in batches(calib, model_inputs(model), limit):
         got = run(sess, outs + list(names), feed)
         batch = {n: Moments.of(got[n]) for n in names}
         for n in names:
@@ -273,19 +277,21 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str
                 ref.outputs.append({n: got[n] for n in outs})
             else:
                 ref.outputs = None   # too big to keep: output_error runs the float model again
+        ref.samples += next(iter(feed.values())).shape[0]
         if on_batch:
             on_batch(next(iter(feed.values())).shape[0])
     return ref
 
 
-def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Replay, device: str, on_batch=None) -> float:
-    """Relative squared error of the quantized model's outputs against the float model's
-    (NaN when either is not finite)."""
+def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Replay, device: str, on_batch=None,
+                 limit: int | None = None) -> float:
+    """Relative squared error of the quantized model's outputs against the float model's over
+    the samples of ``ref`` (NaN when either is not finite)."""
     outs = [o.name for o in model.graph.output]
     q_sess = session(q_model, {}, device)
     fp_sess = session(model, {}, device) if ref.outputs is None else None
     err = total = 0.0
-    for i, feed in enumerate(batches(calib, model_inputs(model))):
+    for i, feed in enumerate(batches(calib, model_inputs(model), limit)):
         fo = run(fp_sess, outs, feed) if fp_sess is not None else ref.outputs[i]
         qo = run(q_sess, outs, feed)
         for n in outs:
@@ -302,14 +308,14 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Repla
 
 
 def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatReference, calib: CalibConfig | Replay,
-                       device: str, on_batch=None) -> dict:
+                       device: str, on_batch=None, limit: int | None = None) -> dict:
     """Population moments of the captured tensors in the train-mode model, fed the float
     model's per-batch moments."""
     names = dict(captures.values())
     sess = session(stats_model, names, device)
     moments = {n: Moments() for n in names}
     inputs = [spec for spec in model_inputs(stats_model) if not spec.name.startswith("_obq_")]
-    for i, feed in enumerate(batches(calib, inputs)):
+    for i, feed in enumerate(batches(calib, inputs, limit)):
         q_feed = dict(feed)
         for n, (mean_in, std_in) in feeds.items():
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
@@ -404,7 +410,8 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         model: the float model.
         qlayers: the solved layers.
         cfg: what to re-estimate, fold and correct.
-        calib: calibration data (the same the Hessians came from), or a Replay of it.
+        calib: calibration data (the same the Hessians came from), or a Replay of it; the
+            passes run on its first ``cfg.samples`` samples where that is set.
         opset, symmetric: as for the export.
         device: onnxruntime device.
         on_batch: called with the batch size after every batch of every pass (progress bars).
@@ -425,19 +432,20 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     fp_names = {t: onnx.helper.np_dtype_to_tensor_dtype(d) for t, d in targets.items()}
     if cfg.mode == "match":
         fp_names.update({bn.input: onnx.helper.np_dtype_to_tensor_dtype(bn.dtype) for bn in bns})
-    ref = float_reference(model, fp_names, calib, device, on_batch)
+    ref = float_reference(model, fp_names, calib, device, on_batch, cfg.samples)
+    outcome.samples = ref.samples
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
-    outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch)
+    outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch, cfg.samples)
     if not np.isfinite(outcome.error_before):
         outcome.notes.append("skipped: the model's outputs are not finite on the calibration data")
         outcome.error_before = None
         return outcome
     stats_model, captures, feeds = train_mode_model(q_model, bns, targets, cfg.mode, opset)
-    q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch)
+    q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch, cfg.samples)
     raw = {name: r for name, (r, _) in captures.items()}
     current, edits, folded, notes = _updates(graph, bns, targets, raw, ref.moments, q_m, cfg, qlayers)
     q_model = build_model(model, current, "fake", opset, symmetric, edits)
-    outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)
+    outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch, cfg.samples)
     outcome.kept = outcome.error_after < KEEP_RATIO * outcome.error_before
     outcome.reestimated, outcome.folded, outcome.corrected = len(bns), folded, len(targets)
     outcome.notes, outcome.qlayers, outcome.edits = notes, current, edits

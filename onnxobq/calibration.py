@@ -362,16 +362,37 @@ def batch_size_for(cfg: CalibConfig, inputs: list[InputSpec]) -> int:
     return fixed.pop() if fixed else max(1, cfg.batch_size)
 
 
-def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec]) -> Iterator[dict]:
+def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec], limit: int | None = None) -> Iterator[dict]:
     """Feeds for onnxruntime, ``batch_size_for`` samples each (a short last batch where
     the batch is dynamic; leftovers are dropped where the model fixes it), read from the
-    source, or replayed from memory by a :class:`Replay`.
+    source, or replayed from memory by a :class:`Replay`; of the first ``limit`` samples
+    only, where given (as if ``--samples`` were at most ``limit``).
 
     Consecutive samples of different shapes (dynamic dims) go to different batches.
     """
     if isinstance(calib, Replay):
-        return calib.batches(inputs)
-    return _read_batches(calib, inputs)
+        return calib.batches(inputs, limit)
+    return _read_batches(_at_most(calib, limit), inputs)
+
+
+def _at_most(cfg: CalibConfig, limit: int | None) -> CalibConfig:
+    if limit is None or (cfg.samples is not None and cfg.samples <= limit):
+        return cfg
+    return dataclasses.replace(cfg, samples=limit)
+
+
+def _first(kept: list[dict], limit: int | None, fixed: bool) -> Iterator[dict]:
+    """The batches of a whole pass cut to its first ``limit`` samples, as a read of that many
+    gives them: the last one cut short, or dropped where the model fixes the batch."""
+    used = 0
+    for feed in kept:
+        n = next(iter(feed.values())).shape[0]
+        if limit is not None and used + n > limit:
+            if not fixed and used < limit:
+                yield {k: v[:limit - used] for k, v in feed.items()}
+            return
+        used += n
+        yield feed
 
 
 def _read_batches(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
@@ -428,14 +449,15 @@ class Replay:
     def source(self) -> str:
         return self.cfg.source
 
-    def batches(self, inputs: list[InputSpec]) -> Iterator[dict]:
-        """The batches of :func:`batches` for ``inputs``, from memory where kept."""
-        key = tuple(inputs)
-        if self._kept is not None and key == self._key:
-            yield from self._kept
+    def batches(self, inputs: list[InputSpec], limit: int | None = None) -> Iterator[dict]:
+        """The batches of :func:`batches` for ``inputs`` (and ``limit``), from memory where
+        kept: a whole pass serves every limit, a pass of the first ``limit`` samples that one."""
+        key = (tuple(inputs), limit)
+        if self._kept is not None and key[0] == self._key[0] and self._key[1] in (None, limit):
+            yield from _first(self._kept, limit, any(s.fixed_batch is not None for s in inputs))
             return
         kept, size = [], 0
-        for feed in _read_batches(self.cfg, inputs):
+        for feed in _read_batches(_at_most(self.cfg, limit), inputs):
             if kept is not None:
                 size += sum(a.nbytes for a in feed.values())
                 kept = kept if size <= self.max_bytes else None

@@ -175,6 +175,8 @@ def cli():
 @click.option("--bn-correct/--no-bn-correct", default=True, show_default=True,
               help="For Convs with no BatchNormalization after them, match each channel's output mean/std "
                    "to the float model.")
+@click.option("--bn-samples", type=click.IntRange(min=1), metavar="N",
+              help="Run the BN passes on only the first N calibration samples (default: all).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where Hessians and solver run: auto uses CuPy on a GPU when present.")
@@ -188,7 +190,7 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, exclude, device, precision,
+             scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, device, precision,
              report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
@@ -210,7 +212,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
                           grid=GridSpec(bits=bits, symmetric=symmetric, narrow=narrow_range, search=scale_search),
                           precision=precision),
         format=fmt, opset=opset,
-        bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct),
+        bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
+                     samples=bn_samples),
         device=device, exclude=tuple(exclude), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians)
     report = pipeline.run(cfg, BarProgress(not quiet))

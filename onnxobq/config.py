@@ -50,12 +50,16 @@ class BNConfig:
             model's on the calibration data) or "reestimate" (the paper: the quantized
             model's own statistics, right only where the calibration data has the
             statistics the BN was trained on).
+        samples: run the BN passes on only the first this many calibration samples (default:
+            all of them, the ones the Hessians came from). Each of the four passes is a
+            forward pass over them, so this bounds the stage's time on large calibration sets.
     """
 
     reestimate: bool = True
     mode: str = "match"
     fold: bool = True
     correct_folded: bool = True
+    samples: int | None = None
 
 
 @dataclass(frozen=True)

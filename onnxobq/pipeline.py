@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
 from .capture import Captured, capture_hessians
-from .calibration import Replay, planned_samples
+from .calibration import Replay, batch_size_for, planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
@@ -42,6 +42,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         external = stored_externally(cfg.model)
         scan = exclude(scan_layers(gs.import_onnx(model)), cfg.exclude)
         _check_inputs(cfg, scan)
+        _check_bn_samples(cfg, model)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
     # BatchNorm's four passes replay the batches that the first pass read, where they fit
@@ -148,6 +149,18 @@ def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
                         "or --calib random for a smoke run")
 
 
+def _check_bn_samples(cfg: QuantizeConfig, model) -> None:
+    from .capture import model_inputs
+    n = cfg.bn.samples
+    if n is None or cfg.calib is None or not cfg.bn.reestimate:
+        return
+    inputs = model_inputs(model)
+    fixed = [s.fixed_batch for s in inputs if s.fixed_batch is not None]
+    if fixed and n < batch_size_for(cfg.calib, inputs):
+        raise UserError(f"--bn-samples {n}: the model fixes a batch of {fixed[0]} samples, so the BN passes "
+                        f"need at least {fixed[0]}; give --bn-samples {fixed[0]} or more")
+
+
 def _planned(cfg: QuantizeConfig, model) -> int | None:
     from .capture import model_inputs
     try:
@@ -195,7 +208,8 @@ def _bn_summary(outcome: BNOutcome, cfg: QuantizeConfig) -> dict:
         return {"enabled": False}
     return {"enabled": True, "mode": cfg.bn.mode, "error_before": outcome.error_before,
             "error_after": outcome.error_after, "kept": outcome.kept, "reestimated": outcome.reestimated,
-            "folded": outcome.folded, "corrected": outcome.corrected, "notes": outcome.notes}
+            "folded": outcome.folded, "corrected": outcome.corrected, "samples": outcome.samples,
+            "notes": outcome.notes}
 
 
 def inspect_model(path: str) -> LayerScan:

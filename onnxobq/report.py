@@ -125,7 +125,7 @@ def bn_lines(bn: dict) -> list[str]:
         change = (f"output error {before:.3e} -> {after:.3e} "
                   f"(SQNR {sqnr_db(before):.1f} -> {sqnr_db(after):.1f} dB)")
         work = (f"{bn['reestimated']} BN nodes re-estimated, {bn['folded']} folded, "
-                f"{bn['corrected']} Convs corrected")
+                f"{bn['corrected']} Convs corrected" + (f" on {bn['samples']} samples" if bn.get("samples") else ""))
         if bn["kept"]:
             lines.append(f"BN re-estimation: {work}; {change}: kept")
         else:

@@ -1,4 +1,6 @@
 """BatchNorm re-estimation: the statistics it writes, the error it removes, and exact folding."""
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -136,6 +138,50 @@ def test_replayed_batches_give_the_model_that_reading_every_pass_gives(capsys, d
     for a, b in zip(kept.graph.initializer, again.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
     assert len(kept.graph.initializer) == len(again.graph.initializer) > 0
+
+
+def test_bn_samples_gives_what_the_first_samples_alone_give(data, tmp_path):
+    """BNConfig.samples = 12: the same statistics, errors and verdict as calibration data of
+    only those 12 samples (in batches of 8: 8 + 4), read or replayed."""
+    from onnxobq.calibration import Replay
+    model, x, _ = data
+    layers = rtn_layers(model)
+    np.savez(tmp_path / "first.npz", x=x[:12])
+    cfg = BNConfig(fold=False)
+    want = reestimate(model, layers, cfg, CalibConfig(source=str(tmp_path / "first.npz"), batch_size=8),
+                      opset=13, symmetric=True)
+    whole = CalibConfig(source=str(tmp_path / "calib.npz"), batch_size=8)
+    replay = Replay(whole)
+    list(calibration_batches(replay, model))                     # the capture's whole pass, kept
+    for calib in (whole, replay):
+        got = reestimate(model, layers, dataclasses.replace(cfg, samples=12), calib, opset=13, symmetric=True)
+        assert (got.samples, want.samples) == (12, 12)
+        assert (got.error_before, got.error_after, got.kept) == (want.error_before, want.error_after, want.kept)
+        for a, b in zip(got.edits, want.edits):
+            np.testing.assert_array_equal(a.mean, b.mean)
+            np.testing.assert_array_equal(a.var, b.var)
+    every = reestimate(model, layers, cfg, whole, opset=13, symmetric=True)
+    assert every.samples == N and every.error_before != want.error_before
+
+
+def test_bn_samples_below_a_fixed_batch_is_refused(capsys, data, tmp_path):
+    model, _, _ = data
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
+    onnx.save(fixed, tmp_path / "fixed.onnx")
+    code = main(["quantize", str(tmp_path / "fixed.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
+                 "--bn-samples", "5", "-o", str(tmp_path / "q.onnx"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "q.onnx").exists()
+    assert err == ("onnxobq: error: --bn-samples 5: the model fixes a batch of 8 samples, so the BN passes need at least 8; "
+                   "give --bn-samples 8 or more")
+
+
+def calibration_batches(calib, model):
+    from onnxobq.calibration import batches
+    from onnxobq.capture import model_inputs
+    return batches(calib, model_inputs(model))
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])

@@ -359,6 +359,32 @@ def test_replay_keeps_only_a_complete_pass_for_the_same_inputs(tmp_path, monkeyp
     assert len(reads) == 3
 
 
+@pytest.mark.parametrize("shape, limit", [([None, 3], 3), ([None, 3], 4), ([2, 3], 3), ([None, 3], 9)])
+def test_a_limit_gives_the_batches_of_that_many_samples_read_or_replayed(tmp_path, monkeypatch, shape, limit):
+    """batches(..., limit) is a read with --samples at most limit: the last batch cut short, or
+    dropped where the model fixes the batch; a Replay cuts its kept whole pass the same way."""
+    source, _ = samples_file(tmp_path, 5)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec(shape)]
+    want = firsts(batches(CalibConfig(source=source, batch_size=2, samples=limit), inputs))
+    assert firsts(batches(cfg, inputs, limit)) == want
+    reads = counted_reads(monkeypatch)
+    replay = Replay(cfg)
+    whole = firsts(batches(replay, inputs))
+    assert firsts(batches(replay, inputs, limit)) == want and firsts(batches(replay, inputs)) == whole
+    assert len(reads) == 1
+
+
+def test_replay_of_a_limited_pass_serves_that_limit_only(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 5)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
+    reads = counted_reads(monkeypatch)
+    replay = Replay(cfg)
+    assert [firsts(batches(replay, inputs, 3)) for _ in range(2)] == [[[0, 1], [2]]] * 2
+    assert len(reads) == 1
+    assert firsts(batches(replay, inputs)) == [[0, 1], [2, 3], [4]]      # more than was kept: read
+    assert len(reads) == 2
+
+
 # ----------------------------------------------------------------------------- random
 
 def random_batches(inputs, **kw):
