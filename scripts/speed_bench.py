@@ -146,6 +146,8 @@ def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, arg
         cmd += ["--input-shape", shape]
     if not args.bn:
         cmd.append("--no-bn-reestimate")
+    elif args.bn_samples is not None:
+        cmd += ["--bn-samples", str(args.bn_samples)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - start
@@ -212,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--bn", action="store_true", help="keep BN re-estimation on (default: off, to time the solver)")
+    p.add_argument("--bn-samples", type=int, help="with --bn: onnxobq quantize's --bn-samples")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
