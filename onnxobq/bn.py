@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CalibConfig, Replay, batches
+from .calibration import CalibConfig, Replay, at_most, batches
 from .capture import model_inputs, run, session
 from .config import BNConfig
 from .export import BNEdit, build_model
@@ -257,15 +257,13 @@ class FloatReference:
     samples: int = 0
 
 
-def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None,
-                    limit: int | None = None) -> FloatReference:
-    """Run the float model once over the first ``limit`` samples (default all), measuring
-    ``names`` (tensor -> ONNX type) and keeping its outputs."""
+def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None) -> FloatReference:
+    """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
     outs = [o.name for o in model.graph.output]
     sess = session(model, names, device)
     ref = FloatReference({n: Moments() for n in names}, [], [])
     kept = 0
-    for feed in batches(calib, model_inputs(model), limit):
+    for feed in batches(calib, model_inputs(model)):
         got = run(sess, outs + list(names), feed)
         batch = {n: Moments.of(got[n]) for n in names}
         for n in names:
@@ -277,21 +275,21 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str
                 ref.outputs.append({n: got[n] for n in outs})
             else:
                 ref.outputs = None   # too big to keep: output_error runs the float model again
-        ref.samples += next(iter(feed.values())).shape[0]
+        n = next(iter(feed.values())).shape[0]
+        ref.samples += n
         if on_batch:
-            on_batch(next(iter(feed.values())).shape[0])
+            on_batch(n)
     return ref
 
 
-def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Replay, device: str, on_batch=None,
-                 limit: int | None = None) -> float:
+def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Replay, device: str, on_batch=None) -> float:
     """Relative squared error of the quantized model's outputs against the float model's over
     the samples of ``ref`` (NaN when either is not finite)."""
     outs = [o.name for o in model.graph.output]
     q_sess = session(q_model, {}, device)
     fp_sess = session(model, {}, device) if ref.outputs is None else None
     err = total = 0.0
-    for i, feed in enumerate(batches(calib, model_inputs(model), limit)):
+    for i, feed in enumerate(batches(calib, model_inputs(model))):
         fo = run(fp_sess, outs, feed) if fp_sess is not None else ref.outputs[i]
         qo = run(q_sess, outs, feed)
         for n in outs:
@@ -308,14 +306,14 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Repla
 
 
 def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatReference, calib: CalibConfig | Replay,
-                       device: str, on_batch=None, limit: int | None = None) -> dict:
+                       device: str, on_batch=None) -> dict:
     """Population moments of the captured tensors in the train-mode model, fed the float
     model's per-batch moments."""
     names = dict(captures.values())
     sess = session(stats_model, names, device)
     moments = {n: Moments() for n in names}
     inputs = [spec for spec in model_inputs(stats_model) if not spec.name.startswith("_obq_")]
-    for i, feed in enumerate(batches(calib, inputs, limit)):
+    for i, feed in enumerate(batches(calib, inputs)):
         q_feed = dict(feed)
         for n, (mean_in, std_in) in feeds.items():
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
@@ -432,20 +430,21 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     fp_names = {t: onnx.helper.np_dtype_to_tensor_dtype(d) for t, d in targets.items()}
     if cfg.mode == "match":
         fp_names.update({bn.input: onnx.helper.np_dtype_to_tensor_dtype(bn.dtype) for bn in bns})
-    ref = float_reference(model, fp_names, calib, device, on_batch, cfg.samples)
+    calib = at_most(calib, cfg.samples)
+    ref = float_reference(model, fp_names, calib, device, on_batch)
     outcome.samples = ref.samples
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
-    outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch, cfg.samples)
+    outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch)
     if not np.isfinite(outcome.error_before):
         outcome.notes.append("skipped: the model's outputs are not finite on the calibration data")
         outcome.error_before = None
         return outcome
     stats_model, captures, feeds = train_mode_model(q_model, bns, targets, cfg.mode, opset)
-    q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch, cfg.samples)
+    q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch)
     raw = {name: r for name, (r, _) in captures.items()}
     current, edits, folded, notes = _updates(graph, bns, targets, raw, ref.moments, q_m, cfg, qlayers)
     q_model = build_model(model, current, "fake", opset, symmetric, edits)
-    outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch, cfg.samples)
+    outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)
     outcome.kept = outcome.error_after < KEEP_RATIO * outcome.error_before
     outcome.reestimated, outcome.folded, outcome.corrected = len(bns), folded, len(targets)
     outcome.notes, outcome.qlayers, outcome.edits = notes, current, edits

@@ -7,6 +7,7 @@ host memory holds one batch at a time.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import math
@@ -362,23 +363,31 @@ def batch_size_for(cfg: CalibConfig, inputs: list[InputSpec]) -> int:
     return fixed.pop() if fixed else max(1, cfg.batch_size)
 
 
-def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec], limit: int | None = None) -> Iterator[dict]:
+def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec]) -> Iterator[dict]:
     """Feeds for onnxruntime, ``batch_size_for`` samples each (a short last batch where
     the batch is dynamic; leftovers are dropped where the model fixes it), read from the
-    source, or replayed from memory by a :class:`Replay`; of the first ``limit`` samples
-    only, where given (as if ``--samples`` were at most ``limit``).
+    source, or replayed from memory by a :class:`Replay`.
 
     Consecutive samples of different shapes (dynamic dims) go to different batches.
     """
     if isinstance(calib, Replay):
-        return calib.batches(inputs, limit)
-    return _read_batches(_at_most(calib, limit), inputs)
+        return calib.batches(inputs)
+    return _read_batches(calib, inputs)
 
 
-def _at_most(cfg: CalibConfig, limit: int | None) -> CalibConfig:
-    if limit is None or (cfg.samples is not None and cfg.samples <= limit):
-        return cfg
-    return dataclasses.replace(cfg, samples=limit)
+def at_most(calib: "CalibConfig | Replay", samples: int | None) -> "CalibConfig | Replay":
+    """``calib`` cut to its first ``samples`` samples (None: all of them), as ``--samples``
+    cuts a source: a CalibConfig with ``samples`` at most that, or a Replay that replays what
+    ``calib`` has kept, cut to them (or reads and keeps that many itself)."""
+    if samples is None:
+        return calib
+    if isinstance(calib, Replay):
+        cut = copy.copy(calib)
+        cut.limit = samples if calib.limit is None else min(calib.limit, samples)
+        return cut
+    if calib.samples is not None and calib.samples <= samples:
+        return calib
+    return dataclasses.replace(calib, samples=samples)
 
 
 def _first(kept: list[dict], limit: int | None, fixed: bool) -> Iterator[dict]:
@@ -443,21 +452,22 @@ class Replay:
 
     def __init__(self, cfg: CalibConfig, max_bytes: int | None = None):
         self.cfg, self.max_bytes = cfg, REPLAY_BYTES if max_bytes is None else max_bytes
+        self.limit: int | None = None       # the first this many samples only: see at_most
         self._key, self._kept = None, None
 
     @property
     def source(self) -> str:
         return self.cfg.source
 
-    def batches(self, inputs: list[InputSpec], limit: int | None = None) -> Iterator[dict]:
-        """The batches of :func:`batches` for ``inputs`` (and ``limit``), from memory where
-        kept: a whole pass serves every limit, a pass of the first ``limit`` samples that one."""
-        key = (tuple(inputs), limit)
-        if self._kept is not None and key[0] == self._key[0] and self._key[1] in (None, limit):
-            yield from _first(self._kept, limit, any(s.fixed_batch is not None for s in inputs))
+    def batches(self, inputs: list[InputSpec]) -> Iterator[dict]:
+        """The batches of :func:`batches` for ``inputs``, from memory where kept: a whole pass
+        serves every limit, a pass of the first ``limit`` samples that one."""
+        key = (tuple(inputs), self.limit)
+        if self._kept is not None and key[0] == self._key[0] and self._key[1] in (None, self.limit):
+            yield from _first(self._kept, self.limit, any(s.fixed_batch is not None for s in inputs))
             return
         kept, size = [], 0
-        for feed in _read_batches(_at_most(self.cfg, limit), inputs):
+        for feed in _read_batches(at_most(self.cfg, self.limit), inputs):
             if kept is not None:
                 size += sum(a.nbytes for a in feed.values())
                 kept = kept if size <= self.max_bytes else None

@@ -155,10 +155,10 @@ def _check_bn_samples(cfg: QuantizeConfig, model) -> None:
     if n is None or cfg.calib is None or not cfg.bn.reestimate:
         return
     inputs = model_inputs(model)
-    fixed = [s.fixed_batch for s in inputs if s.fixed_batch is not None]
-    if fixed and n < batch_size_for(cfg.calib, inputs):
-        raise UserError(f"--bn-samples {n}: the model fixes a batch of {fixed[0]} samples, so the BN passes "
-                        f"need at least {fixed[0]}; give --bn-samples {fixed[0]} or more")
+    batch = batch_size_for(cfg.calib, inputs)
+    if any(s.fixed_batch is not None for s in inputs) and n < batch:
+        raise UserError(f"--bn-samples {n}: the model fixes a batch of {batch} samples, so the BN passes "
+                        f"need at least {batch}; give --bn-samples {batch} or more")
 
 
 def _planned(cfg: QuantizeConfig, model) -> int | None:

@@ -103,3 +103,16 @@ def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     import onnxruntime as ort
     from onnxobq.capture import session_options
     return ort.InferenceSession(model.SerializeToString(), session_options()).run(None, feed)
+
+
+def counted_reads(monkeypatch) -> list:
+    """Count the passes that read the calibration source (calls of calibration._read_batches);
+    the list grows by one per pass."""
+    from onnxobq import calibration
+    reads, read = [], calibration._read_batches
+
+    def counting(cfg, inputs):
+        reads.append(1)
+        return read(cfg, inputs)
+    monkeypatch.setattr(calibration, "_read_batches", counting)
+    return reads

@@ -123,8 +123,7 @@ def test_replayed_batches_give_the_model_that_reading_every_pass_gives(capsys, d
     from onnxobq import calibration
     model, _, _ = data
     onnx.save(model, tmp_path / "bn.onnx")
-    reads, read = [], calibration._read_batches
-    monkeypatch.setattr(calibration, "_read_batches", lambda cfg, inputs: reads.append(1) or read(cfg, inputs))
+    reads = builders.counted_reads(monkeypatch)
     runs = {}
     for limit in [calibration.REPLAY_BYTES, 0]:
         monkeypatch.setattr(calibration, "REPLAY_BYTES", limit)

@@ -8,7 +8,7 @@ from onnx import helper
 from PIL import Image
 
 from onnxobq import pipeline
-from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, batch_size_for, batches,
+from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, at_most, batch_size_for, batches,
                                  planned_samples)
 from onnxobq.capture import model_inputs
 from onnxobq.cli import main
@@ -309,23 +309,11 @@ def test_samples_of_different_shapes_are_never_stacked(tmp_path):
 
 # ----------------------------------------------------------------------------- replay
 
-def counted_reads(monkeypatch):
-    """Count the passes that read the source (each call of calibration._read_batches)."""
-    from onnxobq import calibration
-    reads, read = [], calibration._read_batches
-
-    def counting(cfg, inputs):
-        reads.append(1)
-        return read(cfg, inputs)
-    monkeypatch.setattr(calibration, "_read_batches", counting)
-    return reads
-
-
 def test_replay_reads_the_source_once_and_gives_the_same_batches(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 5)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
     want = list(batches(cfg, inputs))
-    reads = counted_reads(monkeypatch)
+    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
     passes = [list(batches(replay, inputs)) for _ in range(3)]
     assert len(reads) == 1
@@ -340,7 +328,7 @@ def test_replay_reads_the_source_once_and_gives_the_same_batches(tmp_path, monke
 def test_replay_past_its_limit_reads_every_pass(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 5)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
-    reads = counted_reads(monkeypatch)
+    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg, max_bytes=4 * 3 * 4)            # the first two batches fit, the third does not
     passes = [firsts(batches(replay, inputs)) for _ in range(3)]
     assert len(reads) == 3 and passes == [[[0, 1], [2, 3], [4]]] * 3
@@ -349,7 +337,7 @@ def test_replay_past_its_limit_reads_every_pass(tmp_path, monkeypatch):
 def test_replay_keeps_only_a_complete_pass_for_the_same_inputs(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 5)
     cfg = CalibConfig(source=source, batch_size=2)
-    reads = counted_reads(monkeypatch)
+    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
     first = next(iter(batches(replay, [spec([None, 3])])))   # a pass left after one batch
     assert firsts([first]) == [[0, 1]]
@@ -361,25 +349,26 @@ def test_replay_keeps_only_a_complete_pass_for_the_same_inputs(tmp_path, monkeyp
 
 @pytest.mark.parametrize("shape, limit", [([None, 3], 3), ([None, 3], 4), ([2, 3], 3), ([None, 3], 9)])
 def test_a_limit_gives_the_batches_of_that_many_samples_read_or_replayed(tmp_path, monkeypatch, shape, limit):
-    """batches(..., limit) is a read with --samples at most limit: the last batch cut short, or
+    """at_most(calib, limit) reads as --samples at most limit: the last batch cut short, or
     dropped where the model fixes the batch; a Replay cuts its kept whole pass the same way."""
     source, _ = samples_file(tmp_path, 5)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec(shape)]
     want = firsts(batches(CalibConfig(source=source, batch_size=2, samples=limit), inputs))
-    assert firsts(batches(cfg, inputs, limit)) == want
-    reads = counted_reads(monkeypatch)
+    assert firsts(batches(at_most(cfg, limit), inputs)) == want
+    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
     whole = firsts(batches(replay, inputs))
-    assert firsts(batches(replay, inputs, limit)) == want and firsts(batches(replay, inputs)) == whole
+    assert firsts(batches(at_most(replay, limit), inputs)) == want and firsts(batches(replay, inputs)) == whole
     assert len(reads) == 1
 
 
 def test_replay_of_a_limited_pass_serves_that_limit_only(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 5)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
-    reads = counted_reads(monkeypatch)
+    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
-    assert [firsts(batches(replay, inputs, 3)) for _ in range(2)] == [[[0, 1], [2]]] * 2
+    cut = at_most(replay, 3)
+    assert [firsts(batches(cut, inputs)) for _ in range(2)] == [[[0, 1], [2]]] * 2
     assert len(reads) == 1
     assert firsts(batches(replay, inputs)) == [[0, 1], [2, 3], [4]]      # more than was kept: read
     assert len(reads) == 2
