@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CalibConfig, Replay, at_most, batches
+from .calibration import CalibConfig, Replay, batches, spread
 from .capture import model_inputs, run, session
 from .config import BNConfig
 from .export import BNEdit, build_model
@@ -409,7 +409,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         qlayers: the solved layers.
         cfg: what to re-estimate, fold and correct.
         calib: calibration data (the same the Hessians came from), or a Replay of it; the
-            passes run on its first ``cfg.samples`` samples where that is set.
+            passes run on ``cfg.samples`` of its samples, spread over it, where that is set.
         opset, symmetric: as for the export.
         device: onnxruntime device.
         on_batch: called with the batch size after every batch of every pass (progress bars).
@@ -430,7 +430,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     fp_names = {t: onnx.helper.np_dtype_to_tensor_dtype(d) for t, d in targets.items()}
     if cfg.mode == "match":
         fp_names.update({bn.input: onnx.helper.np_dtype_to_tensor_dtype(bn.dtype) for bn in bns})
-    calib = at_most(calib, cfg.samples)
+    calib = spread(calib, cfg.samples, model_inputs(model))
     ref = float_reference(model, fp_names, calib, device, on_batch)
     outcome.samples = ref.samples
     q_model = build_model(model, qlayers, "fake", opset, symmetric)

@@ -79,6 +79,8 @@ class CalibConfig:
         image: image pre-processing.
         shapes: sizes for dynamic dimensions of random inputs, by input name.
         seed: random seed for the "random" source.
+        pick: only the samples at these positions of the source (counted from 0, after the
+            ``samples`` cut), in order; see :func:`spread`.
     """
 
     source: str = "random"
@@ -87,6 +89,7 @@ class CalibConfig:
     image: ImageOptions = field(default_factory=ImageOptions)
     shapes: dict = field(default_factory=dict)
     seed: int = 0
+    pick: tuple[int, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -230,6 +233,8 @@ def image_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
     files = _list_files(cfg.source, IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"--calib {cfg.source}: no .jpg/.png/.bmp images found; add images")
+    if cfg.pick is not None:          # one sample per file: the others are not decoded
+        files = [files[i] for i in cfg.pick if i < len(files)]
     layout, channels, size = _image_geometry(spec, cfg.image)
     opts = cfg.image
     integer = not np.issubdtype(spec.dtype, np.floating)
@@ -244,6 +249,8 @@ def image_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
 
 
 SOURCES = {"random": random_chunks, "arrays": array_chunks, "images": image_chunks}
+# Sources that apply CalibConfig.pick themselves, yielding only the picked samples.
+PICKING_SOURCES = {"images"}
 
 
 # ----------------------------------------------------------------------------- images
@@ -372,63 +379,70 @@ def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec]) -> Iterator[
     """
     if isinstance(calib, Replay):
         return calib.batches(inputs)
-    return _read_batches(calib, inputs)
+    return (feed for _, feed in _read_batches(calib, inputs))
 
 
-def at_most(calib: "CalibConfig | Replay", samples: int | None) -> "CalibConfig | Replay":
-    """``calib`` cut to its first ``samples`` samples (None: all of them), as ``--samples``
-    cuts a source: a CalibConfig with ``samples`` at most that, or a Replay that replays what
-    ``calib`` has kept, cut to them (or reads and keeps that many itself)."""
-    if samples is None:
+def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[InputSpec]) -> "CalibConfig | Replay":
+    """``calib`` cut to ``samples`` samples spread evenly over it (None, or at least as many as
+    it has: all of them), rounded down to whole batches where the model fixes the batch.
+
+    A calibration folder is often sorted by class or by kind (the first samples alike), so
+    the samples are taken at even steps through it, not from its start. A Replay keeps
+    serving them from the pass it kept.
+    """
+    cfg = calib.cfg if isinstance(calib, Replay) else calib
+    total = _source_samples(cfg, inputs)
+    if samples is None or samples >= total:
         return calib
+    if any(s.fixed_batch is not None for s in inputs):
+        samples = max(samples - samples % batch_size_for(cfg, inputs), 1)
+    pick = tuple(i * total // samples for i in range(samples))
     if isinstance(calib, Replay):
         cut = copy.copy(calib)
-        cut.limit = samples if calib.limit is None else min(calib.limit, samples)
+        cut.pick = pick
         return cut
-    if calib.samples is not None and calib.samples <= samples:
-        return calib
-    return dataclasses.replace(calib, samples=samples)
+    return dataclasses.replace(calib, pick=pick)
 
 
-def _first(kept: list[dict], limit: int | None, fixed: bool) -> Iterator[dict]:
-    """The batches of a whole pass cut to its first ``limit`` samples, as a read of that many
-    gives them: the last one cut short, or dropped where the model fixes the batch."""
-    used = 0
-    for feed in kept:
-        n = next(iter(feed.values())).shape[0]
-        if limit is not None and used + n > limit:
-            if not fixed and used < limit:
-                yield {k: v[:limit - used] for k, v in feed.items()}
-            return
-        used += n
-        yield feed
-
-
-def _read_batches(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
-    bs = batch_size_for(cfg, inputs)
-    fixed = any(s.fixed_batch is not None for s in inputs)
+def _samples(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[int, dict]]:
+    """(position, sample) for each sample of the source (a batch axis of 1), the first
+    ``cfg.samples`` of them, only those at ``cfg.pick`` where that is set."""
     limit = cfg.samples if cfg.samples is not None else math.inf
-    pending: list[dict] = []
-    used = 0
-    for chunk in SOURCES[detect_kind(cfg.source)](cfg, inputs):
-        n = next(iter(chunk.values())).shape[0]
-        for i in range(n):
-            if used >= limit:
-                break
-            sample = {k: v[i:i + 1] for k, v in chunk.items()}
-            if pending and _shapes(pending[0]) != _shapes(sample):
-                if not fixed:
-                    yield _stack(pending)
-                pending = []
-            pending.append(sample)
-            used += 1
-            if len(pending) == bs:
+    kind = detect_kind(cfg.source)
+    picked = iter(cfg.pick) if kind in PICKING_SOURCES and cfg.pick is not None else None
+    wanted = set(cfg.pick) if cfg.pick is not None and picked is None else None
+    position = 0
+    for chunk in SOURCES[kind](cfg, inputs):
+        for i in range(next(iter(chunk.values())).shape[0]):
+            at = position if picked is None else next(picked)
+            position += 1
+            if at >= limit:
+                return
+            if wanted is None or at in wanted:
+                yield at, {k: v[i:i + 1] for k, v in chunk.items()}
+
+
+def _batched(samples: Iterator[tuple[int, dict]], bs: int, fixed: bool) -> Iterator[tuple[list[int], dict]]:
+    """Samples stacked into batches of ``bs``, each with its samples' positions: a new batch
+    where the shapes change, and leftovers dropped where the model fixes the batch."""
+    pending: list[tuple[int, dict]] = []
+    for at, sample in samples:
+        if pending and _shapes(pending[0][1]) != _shapes(sample):
+            if not fixed:
                 yield _stack(pending)
-                pending = []
-        if used >= limit:
-            break
+            pending = []
+        pending.append((at, sample))
+        if len(pending) == bs:
+            yield _stack(pending)
+            pending = []
     if pending and not fixed:
         yield _stack(pending)
+
+
+def _read_batches(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[list[int], dict]]:
+    """The batches of :func:`batches`, read from the source, each with its samples' positions."""
+    fixed = any(s.fixed_batch is not None for s in inputs)
+    return _batched(_samples(cfg, inputs), batch_size_for(cfg, inputs), fixed)
 
 
 # A Replay keeps the batches it reads up to this many bytes. The detector's 256 inputs of
@@ -452,44 +466,60 @@ class Replay:
 
     def __init__(self, cfg: CalibConfig, max_bytes: int | None = None):
         self.cfg, self.max_bytes = cfg, REPLAY_BYTES if max_bytes is None else max_bytes
-        self.limit: int | None = None       # the first this many samples only: see at_most
-        self._key, self._kept = None, None
+        self.pick: tuple[int, ...] | None = None     # only these samples: see spread
+        self._inputs, self._kept = None, None
 
     @property
     def source(self) -> str:
         return self.cfg.source
 
     def batches(self, inputs: list[InputSpec]) -> Iterator[dict]:
-        """The batches of :func:`batches` for ``inputs``, from memory where kept: a whole pass
-        serves every limit, a pass of the first ``limit`` samples that one."""
-        key = (tuple(inputs), self.limit)
-        if self._kept is not None and key[0] == self._key[0] and self._key[1] in (None, self.limit):
-            yield from _first(self._kept, self.limit, any(s.fixed_batch is not None for s in inputs))
+        """The batches of :func:`batches` for ``inputs``, from the kept pass where there is one
+        for the same inputs (the picked samples of it re-batched)."""
+        fixed = any(s.fixed_batch is not None for s in inputs)
+        if self._kept is not None and self._inputs == tuple(inputs):
+            if self.pick is None:
+                yield from (feed for _, feed in self._kept)
+            else:
+                wanted = set(self.pick)
+                samples = ((at, {k: v[i:i + 1] for k, v in feed.items()})
+                           for positions, feed in self._kept for i, at in enumerate(positions) if at in wanted)
+                yield from (feed for _, feed in _batched(samples, batch_size_for(self.cfg, inputs), fixed))
             return
-        kept, size = [], 0
-        for feed in _read_batches(at_most(self.cfg, self.limit), inputs):
+        kept, size = ([], 0) if self.pick is None else (None, 0)     # only a whole pass is kept
+        for positions, feed in _read_batches(dataclasses.replace(self.cfg, pick=self.pick), inputs):
             if kept is not None:
                 size += sum(a.nbytes for a in feed.values())
                 kept = kept if size <= self.max_bytes else None
             if kept is not None:
                 for a in feed.values():
                     a.flags.writeable = False   # a consumer that writes to a batch fails loudly
-                kept.append(feed)
+                kept.append((positions, feed))
             yield feed
         if kept is not None:
-            self._key, self._kept = key, kept
+            self._inputs, self._kept = tuple(inputs), kept
 
 
 def _shapes(sample: dict) -> tuple:
     return tuple(v.shape for v in sample.values())
 
 
-def _stack(samples: list[dict]) -> dict:
-    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
+def _stack(samples: list[tuple[int, dict]]) -> tuple[list[int], dict]:
+    return [at for at, _ in samples], {k: np.concatenate([s[k] for _, s in samples]) for k in samples[0][1]}
 
 
 def planned_samples(cfg: CalibConfig, inputs: list[InputSpec]) -> int | None:
     """How many samples :func:`batches` will yield, read from file headers only (None if unknown)."""
+    n = _source_samples(cfg, inputs)
+    if cfg.pick is not None:
+        n = sum(1 for i in cfg.pick if i < n)
+    if any(s.fixed_batch for s in inputs):
+        n -= n % batch_size_for(cfg, inputs)
+    return n
+
+
+def _source_samples(cfg: CalibConfig, inputs: list[InputSpec]) -> int:
+    """How many samples the source holds, up to ``cfg.samples``, from file headers only."""
     kind = detect_kind(cfg.source)
     if kind == "random":
         n = random_samples(cfg, inputs)
@@ -497,11 +527,7 @@ def planned_samples(cfg: CalibConfig, inputs: list[InputSpec]) -> int | None:
         n = len(_list_files(cfg.source, IMAGE_EXTENSIONS))
     else:
         n = sum(_leading_dim(p, inputs[0]) for p in _list_files(cfg.source, ARRAY_EXTENSIONS))
-    if cfg.samples is not None:
-        n = min(n, cfg.samples)
-    if any(s.fixed_batch for s in inputs):
-        n -= n % batch_size_for(cfg, inputs)
-    return n
+    return n if cfg.samples is None else min(n, cfg.samples)
 
 
 def _leading_dim(path: str, spec: InputSpec) -> int:

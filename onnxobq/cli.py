@@ -176,7 +176,7 @@ def cli():
               help="For Convs with no BatchNormalization after them, match each channel's output mean/std "
                    "to the float model.")
 @click.option("--bn-samples", type=click.IntRange(min=1), metavar="N",
-              help="Run the BN passes on only the first N calibration samples (default: all).")
+              help="Run the BN passes on only N calibration samples, at even steps through them (default: all).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where Hessians and solver run: auto uses CuPy on a GPU when present.")

@@ -50,8 +50,8 @@ class BNConfig:
             model's on the calibration data) or "reestimate" (the paper: the quantized
             model's own statistics, right only where the calibration data has the
             statistics the BN was trained on).
-        samples: run the BN passes on only the first this many calibration samples (default:
-            all of them, the ones the Hessians came from). Each of the four passes is a
+        samples: run the BN passes on only this many calibration samples, taken at even steps
+            through them (default: all of them, the ones the Hessians came from). Each of the four passes is a
             forward pass over them, so this bounds the stage's time on large calibration sets.
     """
 

@@ -8,8 +8,8 @@ from onnx import helper
 from PIL import Image
 
 from onnxobq import pipeline
-from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, at_most, batch_size_for, batches,
-                                 planned_samples)
+from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, batch_size_for, batches, planned_samples,
+                                 spread)
 from onnxobq.capture import model_inputs
 from onnxobq.cli import main
 from onnxobq.config import IMAGE_PRESETS
@@ -347,31 +347,52 @@ def test_replay_keeps_only_a_complete_pass_for_the_same_inputs(tmp_path, monkeyp
     assert len(reads) == 3
 
 
-@pytest.mark.parametrize("shape, limit", [([None, 3], 3), ([None, 3], 4), ([2, 3], 3), ([None, 3], 9)])
-def test_a_limit_gives_the_batches_of_that_many_samples_read_or_replayed(tmp_path, monkeypatch, shape, limit):
-    """at_most(calib, limit) reads as --samples at most limit: the last batch cut short, or
-    dropped where the model fixes the batch; a Replay cuts its kept whole pass the same way."""
-    source, _ = samples_file(tmp_path, 5)
-    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec(shape)]
-    want = firsts(batches(CalibConfig(source=source, batch_size=2, samples=limit), inputs))
-    assert firsts(batches(at_most(cfg, limit), inputs)) == want
+@pytest.mark.parametrize("shape, samples, limit, want", [
+    ([None, 3], None, 4, [[0, 2], [5, 7]]),          # 10 samples, 4 of them at even steps: i * 10 // 4
+    ([None, 3], 6, 3, [[0, 2], [4]]),                # spread over the --samples cut of 6
+    ([3, 3], None, 4, [[0, 3, 6]]),                  # a fixed batch of 3: rounded down to 3 samples
+    ([None, 3], None, 1, [[0]]),
+])
+def test_spread_takes_samples_at_even_steps_read_or_replayed(tmp_path, monkeypatch, shape, samples, limit, want):
+    source, _ = samples_file(tmp_path, 10)
+    cfg, inputs = CalibConfig(source=source, batch_size=2, samples=samples), [spec(shape)]
+    assert firsts(batches(spread(cfg, limit, inputs), inputs)) == want
+    assert planned_samples(spread(cfg, limit, inputs), inputs) == sum(map(len, want))
     reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
     whole = firsts(batches(replay, inputs))
-    assert firsts(batches(at_most(replay, limit), inputs)) == want and firsts(batches(replay, inputs)) == whole
-    assert len(reads) == 1
+    assert firsts(batches(spread(replay, limit, inputs), inputs)) == want      # from the kept pass
+    assert firsts(batches(replay, inputs)) == whole and len(reads) == 1
 
 
-def test_replay_of_a_limited_pass_serves_that_limit_only(tmp_path, monkeypatch):
+def test_spread_of_at_least_every_sample_is_the_source_itself(tmp_path):
     source, _ = samples_file(tmp_path, 5)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
-    reads = builders.counted_reads(monkeypatch)
     replay = Replay(cfg)
-    cut = at_most(replay, 3)
-    assert [firsts(batches(cut, inputs)) for _ in range(2)] == [[[0, 1], [2]]] * 2
-    assert len(reads) == 1
-    assert firsts(batches(replay, inputs)) == [[0, 1], [2, 3], [4]]      # more than was kept: read
-    assert len(reads) == 2
+    assert spread(cfg, 5, inputs) is cfg and spread(cfg, None, inputs) is cfg and spread(replay, 9, inputs) is replay
+
+
+def test_spread_of_a_replay_past_its_limit_reads_the_picked_samples(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 10)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
+    reads = builders.counted_reads(monkeypatch)
+    replay = Replay(cfg, max_bytes=4 * 3 * 4)            # not even the first two batches are kept
+    assert firsts(batches(replay, inputs)) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    cut = spread(replay, 3, inputs)
+    assert [firsts(batches(cut, inputs)) for _ in range(2)] == [[[0, 3], [6]]] * 2
+    assert len(reads) == 3
+
+
+def test_spread_decodes_only_the_picked_images(tmp_path, monkeypatch):
+    from onnxobq import calibration
+    for i in range(7):
+        save(tmp_path, f"{i}.png", np.full((2, 2, 3), 10 * i, np.uint8))
+    decoded, decode = [], calibration.preprocess_image
+    monkeypatch.setattr(calibration, "preprocess_image", lambda path, *a: decoded.append(path) or decode(path, *a))
+    cfg, inputs = CalibConfig(source=str(tmp_path), batch_size=8, image=ImageOptions(scale=1.0)), [spec([None, 3, 2, 2])]
+    (got,) = batches(spread(cfg, 3, inputs), inputs)
+    assert got["x"][:, 0, 0, 0].tolist() == [0.0, 20.0, 40.0]         # files 0, 2, 4 of 7 (i * 7 // 3)
+    assert [p.rsplit("/", 1)[1] for p in decoded] == ["0.png", "2.png", "4.png"]
 
 
 # ----------------------------------------------------------------------------- random
