@@ -384,7 +384,8 @@ def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec]) -> Iterator[
 
 def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[InputSpec]) -> "CalibConfig | Replay":
     """``calib`` cut to ``samples`` samples spread evenly over it (None, or at least as many as
-    it has: all of them), rounded down to whole batches where the model fixes the batch.
+    it has: all of them), rounded down to whole batches where the model fixes the batch (one
+    batch at least).
 
     A calibration folder is often sorted by class or by kind (the first samples alike), so
     the samples are taken at even steps through it, not from its start. A Replay keeps
@@ -395,7 +396,10 @@ def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[Inpu
     if samples is None or samples >= total:
         return calib
     if any(s.fixed_batch is not None for s in inputs):
-        samples = max(samples - samples % batch_size_for(cfg, inputs), 1)
+        bs = batch_size_for(cfg, inputs)
+        samples = max(samples - samples % bs, bs)
+        if samples >= total:
+            return calib
     pick = tuple(i * total // samples for i in range(samples))
     if isinstance(calib, Replay):
         cut = copy.copy(calib)

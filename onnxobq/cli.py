@@ -8,12 +8,31 @@ import sys
 import click
 
 from . import pipeline
-from .config import (DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, ORDERS, PRECISIONS, BNConfig,
-                     CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
+from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, ORDERS, PRECISIONS,
+                     BNConfig, CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
 from .errors import UserError
 
 
 METHODS_WITHOUT_ORDER = {"rtn", "obq"}
+
+
+class SamplesOrAll(click.ParamType):
+    """A positive sample count, or ``all`` (None)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "all":
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is not a positive number or 'all'", param, ctx)
+        return n
 
 
 class BarProgress(pipeline.Progress):
@@ -175,8 +194,9 @@ def cli():
 @click.option("--bn-correct/--no-bn-correct", default=True, show_default=True,
               help="For Convs with no BatchNormalization after them, match each channel's output mean/std "
                    "to the float model.")
-@click.option("--bn-samples", type=click.IntRange(min=1), metavar="N",
-              help="Run the BN passes on only N calibration samples, at even steps through them (default: all).")
+@click.option("--bn-samples", type=SamplesOrAll(), default=str(DEFAULT_BN_SAMPLES), show_default=True, metavar="N|all",
+              help="Run the BN passes on N calibration samples at even steps through them (whole batches where "
+                   "the model fixes one), or on all of them.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where Hessians and solver run: auto uses CuPy on a GPU when present.")

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
 from .capture import Captured, capture_hessians
-from .calibration import Replay, batch_size_for, planned_samples
+from .calibration import Replay, planned_samples
 from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
@@ -42,7 +42,6 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         external = stored_externally(cfg.model)
         scan = exclude(scan_layers(gs.import_onnx(model)), cfg.exclude)
         _check_inputs(cfg, scan)
-        _check_bn_samples(cfg, model)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
     # BatchNorm's four passes replay the batches that the first pass read, where they fit
@@ -147,18 +146,6 @@ def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if method.uses_hessian and cfg.calib is None and cfg.hessians is None:
         raise UserError(f"--method {cfg.solve.method} needs calibration data: give --calib FOLDER|FILE, "
                         "or --calib random for a smoke run")
-
-
-def _check_bn_samples(cfg: QuantizeConfig, model) -> None:
-    from .capture import model_inputs
-    n = cfg.bn.samples
-    if n is None or cfg.calib is None or not cfg.bn.reestimate:
-        return
-    inputs = model_inputs(model)
-    batch = batch_size_for(cfg.calib, inputs)
-    if any(s.fixed_batch is not None for s in inputs) and n < batch:
-        raise UserError(f"--bn-samples {n}: the model fixes a batch of {batch} samples, so the BN passes "
-                        f"need at least {batch}; give --bn-samples {batch} or more")
 
 
 def _planned(cfg: QuantizeConfig, model) -> int | None:

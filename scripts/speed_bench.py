@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--bn", action="store_true", help="keep BN re-estimation on (default: off, to time the solver)")
-    p.add_argument("--bn-samples", type=int, help="with --bn: onnxobq quantize's --bn-samples")
+    p.add_argument("--bn-samples", help="with --bn: onnxobq quantize's --bn-samples (N or all; default: its own, 128)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",

@@ -1,5 +1,6 @@
 """BatchNorm re-estimation: the statistics it writes, the error it removes, and exact folding."""
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -163,18 +164,44 @@ def test_bn_samples_gives_what_those_samples_alone_give(data, tmp_path):
     assert every.samples == N and every.error_before != want.error_before
 
 
-def test_bn_samples_below_a_fixed_batch_is_refused(capsys, data, tmp_path):
+@pytest.mark.parametrize("given, want", [(["--bn-samples", "5"], 8), (["--bn-samples", "20"], 16), ([], 32),
+                                         (["--bn-samples", "all"], 32)])
+def test_bn_samples_come_in_whole_fixed_batches(capsys, data, tmp_path, given, want):
+    """A fixed batch of 8: 5 samples round up to one batch, 20 down to two; the default (128)
+    and all give every one of the 32."""
     model, _, _ = data
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
     onnx.save(fixed, tmp_path / "fixed.onnx")
     code = main(["quantize", str(tmp_path / "fixed.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
-                 "--bn-samples", "5", "-o", str(tmp_path / "q.onnx"), "-q"])
-    err = capsys.readouterr().err.strip()
+                 *given, "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["bn"]["samples"] == want
+
+
+def test_the_default_bn_samples_are_128_spread_through_the_data(data, tmp_path):
+    model, _, _ = data
+    x = np.random.default_rng(3).standard_normal((200, 4, 10, 10)).astype(np.float32)
+    np.savez(tmp_path / "many.npz", x=x)
+    np.savez(tmp_path / "picked.npz", x=x[[i * 200 // 128 for i in range(128)]])
+    layers = rtn_layers(model)
+    got, want = (reestimate(model, layers, cfg, CalibConfig(source=str(tmp_path / f), batch_size=64),
+                            opset=13, symmetric=True)
+                 for cfg, f in ((BNConfig(), "many.npz"), (BNConfig(samples=None), "picked.npz")))
+    assert BNConfig().samples == 128 and got.samples == want.samples == 128
+    assert (got.error_before, got.error_after) == (want.error_before, want.error_after)
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "many"])
+def test_a_bad_bn_samples_is_one_line_and_status_2(capsys, data, tmp_path, bad):
+    model, _, _ = data
+    onnx.save(model, tmp_path / "bn.onnx")
+    code = main(["quantize", str(tmp_path / "bn.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                 "--bn-samples", bad, "-o", str(tmp_path / "q.onnx"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not (tmp_path / "q.onnx").exists()
-    assert err == ("onnxobq: error: --bn-samples 5: the model fixes a batch of 8 samples, so the BN passes need at least 8; "
-                   "give --bn-samples 8 or more")
+    assert err == [f"onnxobq: error: Invalid value for '--bn-samples': {bad!r} is not a positive number or 'all'"]
 
 
 def calibration_batches(calib, model):
