@@ -39,10 +39,10 @@ class SolveConfig:
 
 # The BN passes' samples by default. Per-channel statistics settle on far fewer samples than
 # the Hessians need, and each pass costs a forward pass per sample. With 256 calibration
-# samples at W4, FastOBQ, 128 spread through them against all 256 (scratch runs, 2026-12-03,
-# 2 cores): the YOLOX detector's AP50:95 0.764 against 0.763 (BN stage 35 s against 60 s),
-# the PP-OCRv4 recognizer's hard CER 0.0722 against 0.0717 (38 s against 106 s); with 64,
-# 0.763 and 0.0747. See the README's BatchNorm section.
+# samples at W4, FastOBQ, 128 spread through them against all 256 (scripts/bn_samples_bench.py,
+# 2 cores): the YOLOX detector's AP50:95 0.7624 against 0.7626 (BN stage 31.6 s against 66.0 s),
+# the PP-OCRv4 recognizer's hard CER 0.0722 against 0.0717 (39.8 s against 103.8 s); with 64,
+# 0.7636 and 0.0747. See the README's BatchNorm section.
 DEFAULT_BN_SAMPLES = 128
 
 

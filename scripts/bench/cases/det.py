@@ -241,6 +241,17 @@ def _generate(rng, n, photos, chars, font_path):
 
 # ----------------------------------------------------------------------------- the case
 
+def make_calibration(counts: tuple[int, int], seed: int) -> np.ndarray:
+    """The calibration images, letterboxed: ``counts`` (CJK, Latin) of them, CJK first, from
+    their own seed streams, photos and characters (a larger count extends the same sets)."""
+    sets = ((_gb2312(0xD8, 0xF7), CJK_FONT), (LATIN_CHARS, LATIN_FONT))
+    images = []
+    for k, ((chars, font), n) in enumerate(zip(sets, counts)):
+        rng = np.random.default_rng([seed, 1, k])
+        images += [letterbox(img)[0] for img, _ in _generate(rng, n, CALIB_PHOTOS, chars, font)]
+    return np.stack(images)
+
+
 class DetCase:
     """ddddocr common_det.onnx on generated click-captchas (see the module docstring)."""
 
@@ -288,10 +299,9 @@ class DetCase:
                 Path(p).exists() for p in (data.calib, data.held_out, data.eval)):
             return data
         (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-        sets = {"cjk": (_gb2312(0xB0, 0xD7), _gb2312(0xD8, 0xF7), CJK_FONT),
-                "latin": (LATIN_CHARS, LATIN_CHARS, LATIN_FONT)}
-        labels, held, calib = {}, [], []
-        for k, (group, (eval_chars, calib_chars, font)) in enumerate(sets.items()):
+        sets = {"cjk": (_gb2312(0xB0, 0xD7), CJK_FONT), "latin": (LATIN_CHARS, LATIN_FONT)}
+        labels, held = {}, []
+        for k, (group, (eval_chars, font)) in enumerate(sets.items()):
             rng = np.random.default_rng([seed, 0, k])
             labels[group] = []
             for i, (img, boxes) in enumerate(_generate(rng, sizes["eval"][k], EVAL_PHOTOS, eval_chars, font)):
@@ -300,10 +310,7 @@ class DetCase:
                 labels[group].append({"file": name, "boxes": boxes})
                 if i < sizes["held_out"][k]:
                     held.append(letterbox(img)[0])
-            rng = np.random.default_rng([seed, 1, k])
-            calib += [letterbox(img)[0] for img, _ in
-                      _generate(rng, sizes["calib"][k], CALIB_PHOTOS, calib_chars, font)]
-        np.savez_compressed(out_dir / "calib.npz", images=np.stack(calib))
+        np.savez_compressed(out_dir / "calib.npz", images=make_calibration(sizes["calib"], seed))
         np.savez_compressed(out_dir / "held_out.npz", images=np.stack(held))
         (out_dir / "labels.json").write_text(json.dumps(labels))
         done.write_text(json.dumps(manifest))
