@@ -102,7 +102,7 @@ def summary_lines(report: RunReport) -> list[str]:
                    "their seconds are shares of their stack's time")
     for k in report.skipped:
         out.append(f"skipped: {k.name} ({k.op}): {k.reason}")
-    out.extend(bn_lines(report.bn))
+    out.extend(bn_lines(report.bn, report.samples))
     out.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.stages.items()) +
                f"; total {sum(report.stages.values()):.2f}s" +
                ("" if report.capture_waited is None else
@@ -115,8 +115,17 @@ def summary_lines(report: RunReport) -> list[str]:
     return out
 
 
-def bn_lines(bn: dict) -> list[str]:
-    """The BatchNorm step in words: what it changed, the output error before and after, the verdict."""
+def _on_samples(n: int | None, total: int) -> str:
+    if not n:
+        return ""
+    if n < total:
+        return f" on {n} of the {total} samples (--bn-samples)"
+    return f" on {n} samples"
+
+
+def bn_lines(bn: dict, calibration_samples: int = 0) -> list[str]:
+    """The BatchNorm step in words: what it changed (on how many of the ``calibration_samples``),
+    the output error before and after, the verdict."""
     if not bn.get("enabled"):
         return ["BN re-estimation: off"]
     lines = []
@@ -125,7 +134,7 @@ def bn_lines(bn: dict) -> list[str]:
         change = (f"output error {before:.3e} -> {after:.3e} "
                   f"(SQNR {sqnr_db(before):.1f} -> {sqnr_db(after):.1f} dB)")
         work = (f"{bn['reestimated']} BN nodes re-estimated, {bn['folded']} folded, "
-                f"{bn['corrected']} Convs corrected" + (f" on {bn['samples']} samples" if bn.get("samples") else ""))
+                f"{bn['corrected']} Convs corrected" + _on_samples(bn.get("samples"), calibration_samples))
         if bn["kept"]:
             lines.append(f"BN re-estimation: {work}; {change}: kept")
         else:

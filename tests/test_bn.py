@@ -175,9 +175,13 @@ def test_bn_samples_come_in_whole_fixed_batches(capsys, data, tmp_path, given, w
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
     onnx.save(fixed, tmp_path / "fixed.onnx")
     code = main(["quantize", str(tmp_path / "fixed.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
-                 *given, "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"), "-q"])
-    assert code == 0, capsys.readouterr().err
+                 *given, "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["bn"]["samples"] == want
+    line = next(l for l in out.splitlines() if l.startswith("BN re-estimation"))
+    on = f" on {want} of the 32 samples (--bn-samples);" if want < 32 else " on 32 samples;"
+    assert "Convs corrected" + on in line
 
 
 def test_the_default_bn_samples_are_128_spread_through_the_data(data, tmp_path):
