@@ -433,6 +433,10 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     calib = spread(calib, cfg.samples, model_inputs(model))
     ref = float_reference(model, fp_names, calib, device, on_batch)
     outcome.samples = ref.samples
+    if ref.samples == 0:
+        outcome.notes.append("skipped: the BN samples make no whole batch of the model's fixed batch; "
+                             "give --bn-samples all")
+        return outcome
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
     outcome.error_before = output_error(ref, model, q_model, calib, device, on_batch)
     if not np.isfinite(outcome.error_before):

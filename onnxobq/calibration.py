@@ -392,15 +392,21 @@ def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[Inpu
     serving them from the pass it kept.
     """
     cfg = calib.cfg if isinstance(calib, Replay) else calib
-    total = _source_samples(cfg, inputs)
+    fixed = any(s.fixed_batch is not None for s in inputs)
+    bs = batch_size_for(cfg, inputs)
+    if isinstance(calib, Replay) and calib.kept(inputs) is not None:
+        positions = [at for kept, _ in calib.kept(inputs) for at in kept]      # what the capture used
+    else:
+        total = _source_samples(cfg, inputs)
+        positions = range(total - total % bs if fixed else total)             # leftovers are dropped
+    total = len(positions)
     if samples is None or samples >= total:
         return calib
-    if any(s.fixed_batch is not None for s in inputs):
-        bs = batch_size_for(cfg, inputs)
+    if fixed:
         samples = max(samples - samples % bs, bs)
         if samples >= total:
             return calib
-    pick = tuple(i * total // samples for i in range(samples))
+    pick = tuple(positions[i * total // samples] for i in range(samples))
     if isinstance(calib, Replay):
         cut = copy.copy(calib)
         cut.pick = pick
@@ -472,16 +478,24 @@ class Replay:
         self.cfg, self.max_bytes = cfg, REPLAY_BYTES if max_bytes is None else max_bytes
         self.pick: tuple[int, ...] | None = None     # only these samples: see spread
         self._inputs, self._kept = None, None
+        self._picked = None
 
     @property
     def source(self) -> str:
         return self.cfg.source
 
+    def kept(self, inputs: list[InputSpec]) -> list | None:
+        """The kept whole pass for ``inputs`` as (positions, batch) pairs, or None."""
+        return self._kept if self._kept is not None and self._inputs == tuple(inputs) else None
+
     def batches(self, inputs: list[InputSpec]) -> Iterator[dict]:
         """The batches of :func:`batches` for ``inputs``, from the kept pass where there is one
         for the same inputs (the picked samples of it re-batched)."""
         fixed = any(s.fixed_batch is not None for s in inputs)
-        if self._kept is not None and self._inputs == tuple(inputs):
+        if self._picked is not None and self._picked[0] == (tuple(inputs), self.pick):
+            yield from self._picked[1]
+            return
+        if self.kept(inputs) is not None:
             if self.pick is None:
                 yield from (feed for _, feed in self._kept)
             else:
@@ -490,7 +504,7 @@ class Replay:
                            for positions, feed in self._kept for i, at in enumerate(positions) if at in wanted)
                 yield from (feed for _, feed in _batched(samples, batch_size_for(self.cfg, inputs), fixed))
             return
-        kept, size = ([], 0) if self.pick is None else (None, 0)     # only a whole pass is kept
+        kept, size = [], 0
         for positions, feed in _read_batches(dataclasses.replace(self.cfg, pick=self.pick), inputs):
             if kept is not None:
                 size += sum(a.nbytes for a in feed.values())
@@ -500,8 +514,10 @@ class Replay:
                     a.flags.writeable = False   # a consumer that writes to a batch fails loudly
                 kept.append((positions, feed))
             yield feed
-        if kept is not None:
+        if kept is not None and self.pick is None:
             self._inputs, self._kept = tuple(inputs), kept
+        elif kept is not None:                          # a picked pass, kept by this copy only
+            self._picked = ((tuple(inputs), self.pick), [feed for _, feed in kept])
 
 
 def _shapes(sample: dict) -> tuple:

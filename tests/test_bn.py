@@ -226,3 +226,15 @@ def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
     assert m.count == a64.shape[1]
     np.testing.assert_allclose(m.total, a64.sum(axis=1), rtol=1e-6)
     np.testing.assert_allclose(m.squares, (a64 ** 2).sum(axis=1), rtol=1e-6)
+
+
+def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path):
+    model, x, _ = data
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
+    np.savez(tmp_path / "few.npz", x=x[:5])
+    out = reestimate(fixed, rtn_layers(fixed), BNConfig(), CalibConfig(source=str(tmp_path / "few.npz")),
+                     opset=13, symmetric=True)
+    assert (out.samples, out.kept, out.edits) == (0, False, ())
+    assert out.notes == ["skipped: the BN samples make no whole batch of the model's fixed batch; give --bn-samples all"]

@@ -372,7 +372,7 @@ def test_spread_of_at_least_every_sample_is_the_source_itself(tmp_path):
     assert spread(cfg, 5, inputs) is cfg and spread(cfg, None, inputs) is cfg and spread(replay, 9, inputs) is replay
 
 
-def test_spread_of_a_replay_past_its_limit_reads_the_picked_samples(tmp_path, monkeypatch):
+def test_spread_of_a_replay_past_its_limit_reads_and_keeps_the_picked_samples(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 10)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
     reads = builders.counted_reads(monkeypatch)
@@ -380,7 +380,7 @@ def test_spread_of_a_replay_past_its_limit_reads_the_picked_samples(tmp_path, mo
     assert firsts(batches(replay, inputs)) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     cut = spread(replay, 3, inputs)
     assert [firsts(batches(cut, inputs)) for _ in range(2)] == [[[0, 3], [6]]] * 2
-    assert len(reads) == 3
+    assert len(reads) == 2                               # the picked pass fits, and is kept
 
 
 def test_spread_decodes_only_the_picked_images(tmp_path, monkeypatch):
@@ -560,3 +560,25 @@ def test_integer_image_input_gets_the_pixels(tmp_path):
     np.testing.assert_array_equal(x[0], np.minimum(px.astype(int) * 2, 255))
     x = one(tmp_path, [None, 2, 3, 3], dtype=np.int8, scale=1.0, mean=(128,))
     np.testing.assert_array_equal(x[0], px.astype(int) - 128)
+
+
+@pytest.mark.parametrize("n, limit, want", [(10, 8, [[0, 1, 2, 3, 4, 5, 6, 7]]), (36, 16, [list(range(0, 32, 2))[:8], list(range(16, 32, 2))])])
+def test_spread_under_a_fixed_batch_picks_among_the_samples_used(tmp_path, monkeypatch, n, limit, want):
+    """A fixed batch of 8 drops the leftovers: 10 samples use 8 (all of them for 8), 36 use 32 (16
+    at steps of 2), read or replayed from the capture's kept pass alike."""
+    source, _ = samples_file(tmp_path, n)
+    cfg, inputs = CalibConfig(source=source), [spec([8, 3])]
+    replay = Replay(cfg)
+    list(batches(replay, inputs))
+    reads = builders.counted_reads(monkeypatch)
+    assert firsts(batches(spread(cfg, limit, inputs), inputs)) == want
+    assert firsts(batches(spread(replay, limit, inputs), inputs)) == want and len(reads) == 1
+
+
+def test_a_spread_replay_with_nothing_kept_reads_once_for_every_pass(tmp_path, monkeypatch):
+    source, _ = samples_file(tmp_path, 10)
+    cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
+    reads = builders.counted_reads(monkeypatch)
+    cut = spread(Replay(cfg), 4, inputs)                   # as with --hessians: no capture pass
+    assert [firsts(batches(cut, inputs)) for _ in range(4)] == [[[0, 2], [5, 7]]] * 4
+    assert len(reads) == 1
