@@ -489,23 +489,26 @@ class Replay:
         return self._kept if self._kept is not None and self._inputs == tuple(inputs) else None
 
     def batches(self, inputs: list[InputSpec]) -> Iterator[dict]:
-        """The batches of :func:`batches` for ``inputs``, from the kept pass where there is one
-        for the same inputs (the picked samples of it re-batched)."""
-        fixed = any(s.fixed_batch is not None for s in inputs)
-        if self._picked is not None and self._picked[0] == (tuple(inputs), self.pick):
+        """The batches of :func:`batches` for ``inputs``: the kept whole pass, or this copy's kept
+        picked pass, where there is one for the same inputs; else read (a pick of the whole pass
+        re-batched from it), and kept where it fits."""
+        key = (tuple(inputs), self.pick)
+        if self._picked is not None and self._picked[0] == key:
             yield from self._picked[1]
             return
-        if self.kept(inputs) is not None:
-            if self.pick is None:
-                yield from (feed for _, feed in self._kept)
-            else:
-                wanted = set(self.pick)
-                samples = ((at, {k: v[i:i + 1] for k, v in feed.items()})
-                           for positions, feed in self._kept for i, at in enumerate(positions) if at in wanted)
-                yield from (feed for _, feed in _batched(samples, batch_size_for(self.cfg, inputs), fixed))
+        whole = self.kept(inputs)
+        if whole is not None and self.pick is None:
+            yield from (feed for _, feed in whole)
             return
+        if whole is not None:
+            wanted = set(self.pick)
+            samples = ((at, {k: v[i:i + 1] for k, v in feed.items()})
+                       for positions, feed in whole for i, at in enumerate(positions) if at in wanted)
+            got = _batched(samples, batch_size_for(self.cfg, inputs), any(s.fixed_batch is not None for s in inputs))
+        else:
+            got = _read_batches(dataclasses.replace(self.cfg, pick=self.pick), inputs)
         kept, size = [], 0
-        for positions, feed in _read_batches(dataclasses.replace(self.cfg, pick=self.pick), inputs):
+        for positions, feed in got:
             if kept is not None:
                 size += sum(a.nbytes for a in feed.values())
                 kept = kept if size <= self.max_bytes else None
@@ -517,7 +520,7 @@ class Replay:
         if kept is not None and self.pick is None:
             self._inputs, self._kept = tuple(inputs), kept
         elif kept is not None:                          # a picked pass, kept by this copy only
-            self._picked = ((tuple(inputs), self.pick), [feed for _, feed in kept])
+            self._picked = (key, [feed for _, feed in kept])
 
 
 def _shapes(sample: dict) -> tuple:
