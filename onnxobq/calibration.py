@@ -421,6 +421,8 @@ def _samples(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[int, d
     kind = detect_kind(cfg.source)
     picked = iter(cfg.pick) if kind in PICKING_SOURCES and cfg.pick is not None else None
     wanted = set(cfg.pick) if cfg.pick is not None and picked is None else None
+    if wanted is not None:
+        limit = min(limit, max(wanted, default=-1) + 1)   # read no further than the last pick
     position = 0
     for chunk in SOURCES[kind](cfg, inputs):
         for i in range(next(iter(chunk.values())).shape[0]):
@@ -430,6 +432,8 @@ def _samples(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[int, d
                 return
             if wanted is None or at in wanted:
                 yield at, {k: v[i:i + 1] for k, v in chunk.items()}
+        if picked is None and position >= limit:
+            return                                       # without reading the next chunk
 
 
 def _batched(samples: Iterator[tuple[int, dict]], bs: int, fixed: bool) -> Iterator[tuple[list[int], dict]]:

@@ -383,6 +383,22 @@ def test_spread_of_a_replay_past_its_limit_reads_and_keeps_the_picked_samples(tm
     assert len(reads) == 2                               # the picked pass fits, and is kept
 
 
+def test_spread_of_an_array_source_reads_no_further_than_its_last_pick(tmp_path, monkeypatch):
+    from onnxobq import calibration
+    for i in range(6):                                   # one file per sample, read in name order
+        np.save(tmp_path / f"{i}.npy", np.full((1, 3), i, np.float32))
+    read, chunks = [], calibration.SOURCES["arrays"]
+
+    def counting(cfg, inputs):
+        for chunk in chunks(cfg, inputs):
+            read.append(int(chunk["x"][0, 0]))
+            yield chunk
+    monkeypatch.setitem(calibration.SOURCES, "arrays", counting)
+    cfg, inputs = CalibConfig(source=str(tmp_path), batch_size=8), [spec([None, 3])]
+    assert firsts(batches(spread(cfg, 2, inputs), inputs)) == [[0, 3]]     # i * 6 // 2
+    assert read == [0, 1, 2, 3]
+
+
 def test_spread_decodes_only_the_picked_images(tmp_path, monkeypatch):
     from onnxobq import calibration
     for i in range(7):
