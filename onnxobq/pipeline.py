@@ -130,9 +130,12 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if not scan.layers:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in scan.skipped[:3])
+        excluded = sum(s.reason.startswith("excluded by --exclude") for s in scan.skipped)
+        fix = ("; give --exclude patterns that leave some layers" if excluded else
+               "; onnxobq quantizes layers with a constant float weight, and this model has none")
         raise UserError(f"{cfg.model}: no quantizable Conv, Gemm or MatMul layer"
                         + (f" ({reasons})" if reasons else "")
-                        + "; onnxobq quantizes layers with a constant float weight, and this model has none")
+                        + (f", {excluded} excluded by --exclude" if excluded else "") + fix)
     method = METHODS[cfg.solve.method]
     if cfg.save_hessians is not None and cfg.hessians is not None:
         raise UserError(f"--save-hessians {cfg.save_hessians}: the Hessians come from --hessians {cfg.hessians} "

@@ -219,6 +219,12 @@ def test_no_quantizable_layer(capsys, work):
                  names=["relu.onnx", "no quantizable Conv, Gemm or MatMul layer"], fix="this model has none")
 
 
+def test_exclude_of_every_layer_says_to_narrow_it(capsys, work):
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--exclude", "*"],
+                 names=["m.onnx", "no quantizable Conv, Gemm or MatMul layer", "excluded by --exclude *"],
+                 fix="give --exclude patterns that leave some layers")
+
+
 @pytest.mark.parametrize("weight,reason", [("input", "the weight is a graph input"),
                                            ("transpose", "the weight is computed at run time (by a Transpose node)")])
 def test_only_matmul_has_a_runtime_weight(capsys, work, weight, reason):
