@@ -453,10 +453,14 @@ def _batched(samples: Iterator[tuple[int, dict]], bs: int, fixed: bool) -> Itera
         yield _stack(pending)
 
 
+def _batches_of(samples: Iterator[tuple[int, dict]], cfg: CalibConfig, inputs: list[InputSpec]):
+    """(position, sample) pairs batched as :func:`batches` batches them for ``inputs``."""
+    return _batched(samples, batch_size_for(cfg, inputs), any(s.fixed_batch is not None for s in inputs))
+
+
 def _read_batches(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[list[int], dict]]:
     """The batches of :func:`batches`, read from the source, each with its samples' positions."""
-    fixed = any(s.fixed_batch is not None for s in inputs)
-    return _batched(_samples(cfg, inputs), batch_size_for(cfg, inputs), fixed)
+    return _batches_of(_samples(cfg, inputs), cfg, inputs)
 
 
 # A Replay keeps the batches it reads up to this many bytes. The detector's 256 inputs of
@@ -508,7 +512,7 @@ class Replay:
             wanted = set(self.pick)
             samples = ((at, {k: v[i:i + 1] for k, v in feed.items()})
                        for positions, feed in whole for i, at in enumerate(positions) if at in wanted)
-            got = _batched(samples, batch_size_for(self.cfg, inputs), any(s.fixed_batch is not None for s in inputs))
+            got = _batches_of(samples, self.cfg, inputs)
         else:
             got = _read_batches(dataclasses.replace(self.cfg, pick=self.pick), inputs)
         kept, size = [], 0

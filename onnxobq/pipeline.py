@@ -112,6 +112,9 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
     return [q for q, _ in results], [s for _, s in results]
 
 
+EXCLUDED = "excluded by --exclude"      # the reason given for a layer that --exclude leaves in float
+
+
 def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
     """Move layers whose name or weight matches a glob in ``patterns`` to the skipped list."""
     if not patterns:
@@ -121,7 +124,7 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
         hit = next((p for p in patterns if fnmatch.fnmatchcase(layer.name, p)
                     or fnmatch.fnmatchcase(layer.weight, p)), None)
         if hit:
-            keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"excluded by --exclude {hit}"))
+            keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"{EXCLUDED} {hit}"))
         else:
             keep.layers.append(layer)
     return keep
@@ -130,12 +133,12 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if not scan.layers:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in scan.skipped[:3])
-        excluded = sum(s.reason.startswith("excluded by --exclude") for s in scan.skipped)
+        excluded = sum(s.reason.startswith(EXCLUDED) for s in scan.skipped)
         fix = ("; give --exclude patterns that leave some layers" if excluded else
                "; onnxobq quantizes layers with a constant float weight, and this model has none")
         raise UserError(f"{cfg.model}: no quantizable Conv, Gemm or MatMul layer"
                         + (f" ({reasons})" if reasons else "")
-                        + (f", {excluded} excluded by --exclude" if excluded else "") + fix)
+                        + (f", {excluded} {EXCLUDED}" if excluded else "") + fix)
     method = METHODS[cfg.solve.method]
     if cfg.save_hessians is not None and cfg.hessians is not None:
         raise UserError(f"--save-hessians {cfg.save_hessians}: the Hessians come from --hessians {cfg.hessians} "
