@@ -81,6 +81,8 @@ class CalibConfig:
         seed: random seed for the "random" source.
         pick: only the samples at these positions of the source (counted from 0, after the
             ``samples`` cut), in order; see :func:`spread`.
+        given: the options the user set for one kind of source (``--mean``, ``--input-shape``,
+            ...), so that one set for another kind is an error rather than silently unused.
     """
 
     source: str = "random"
@@ -90,6 +92,7 @@ class CalibConfig:
     shapes: dict = field(default_factory=dict)
     seed: int = 0
     pick: tuple[int, ...] | None = None
+    given: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- sources
@@ -115,6 +118,29 @@ def detect_kind(source: str) -> str:
         return "images"
     raise UserError(f"--calib {source}: the folder holds no .jpg/.png/.bmp images "
                     "and no .npy/.npz files; add calibration data or use --calib random")
+
+
+# Options that apply to one kind of source only (the others are checked by source_kind).
+RANDOM_ONLY = ("--input-shape",)
+
+
+def source_kind(cfg: CalibConfig) -> str:
+    """detect_kind of the source, after checking that the options given apply to it.
+
+    Raises:
+        UserError: an image option with arrays or random tensors, or --input-shape with
+            files, whose shapes are their own.
+    """
+    kind = detect_kind(cfg.source)
+    image = [o for o in cfg.given if o not in RANDOM_ONLY]
+    if image and kind != "images":
+        what = "draws random tensors" if kind == "random" else "holds arrays, fed as they were saved"
+        raise UserError(f"--calib {cfg.source}: {what}, and {', '.join(image)} apply to image folders "
+                        f"only; drop {', '.join(image)}")
+    if any(o in RANDOM_ONLY for o in cfg.given) and kind != "random":
+        raise UserError(f"--calib {cfg.source}: --input-shape sizes the tensors of --calib random, and these "
+                        "files have their own shapes; drop --input-shape")
+    return kind
 
 
 def _list_files(source: str, extensions) -> list[str]:
@@ -418,7 +444,7 @@ def _samples(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[tuple[int, d
     """(position, sample) for each sample of the source (a batch axis of 1), the first
     ``cfg.samples`` of them, only those at ``cfg.pick`` where that is set."""
     limit = cfg.samples if cfg.samples is not None else math.inf
-    kind = detect_kind(cfg.source)
+    kind = source_kind(cfg)
     picked = iter(cfg.pick) if kind in PICKING_SOURCES and cfg.pick is not None else None
     wanted = set(cfg.pick) if cfg.pick is not None and picked is None else None
     if wanted is not None:
@@ -551,7 +577,7 @@ def planned_samples(cfg: CalibConfig, inputs: list[InputSpec]) -> int | None:
 
 def _source_samples(cfg: CalibConfig, inputs: list[InputSpec]) -> int:
     """How many samples the source holds, up to ``cfg.samples``, from file headers only."""
-    kind = detect_kind(cfg.source)
+    kind = source_kind(cfg)
     if kind == "random":
         n = random_samples(cfg, inputs)
     elif kind == "images":

@@ -101,6 +101,9 @@ def _shapes(items) -> dict:
             raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape") from None
         if not name:
             raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape")
+        if any(d < 1 for d in shapes[name]):
+            raise click.BadParameter(f"{item!r}: give positive sizes, e.g. {name}=1x3x224x224",
+                                     param_hint="--input-shape")
     return shapes
 
 
@@ -138,6 +141,12 @@ def calib_options(f):
     return f
 
 
+# The image options of calib_options, by the keyword click gives each.
+IMAGE_FLAGS = {"--preset": "preset", "--size": "size", "--resize": "resize", "--crop-fraction": "crop_fraction",
+               "--pad-value": "pad_value", "--pad-align": "pad_align", "--channel-order": "channel_order",
+               "--scale": "pixel_scale", "--mean": "mean", "--std": "std", "--layout": "layout"}
+
+
 def calib_config(kw) -> CalibConfig | None:
     if kw["calib"] is None:
         return None
@@ -147,8 +156,12 @@ def calib_config(kw) -> CalibConfig | None:
                  pad_align=kw["pad_align"], channel_order=kw["channel_order"], scale=kw["pixel_scale"],
                  mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"), layout=kw["layout"])
     image.update({k: v for k, v in given.items() if v is not None})
+    typed = [flag for flag, key in IMAGE_FLAGS.items() if kw[key] is not None]
+    if kw["input_shapes"]:
+        typed.append("--input-shape")
     return CalibConfig(source=kw["calib"], samples=kw["samples"], batch_size=kw["batch_size"],
-                       image=ImageOptions(**image), shapes=_shapes(kw["input_shapes"]), seed=kw["seed"])
+                       image=ImageOptions(**image), shapes=_shapes(kw["input_shapes"]), seed=kw["seed"],
+                       given=tuple(typed))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -40,6 +40,7 @@ def calib_description(calib: CalibConfig) -> dict:
     """The calibration settings as JSON-able values, with a file or folder source made absolute."""
     d = dataclasses.asdict(calib)
     d.pop("pick", None)            # BN's choice of samples, not the Hessians'; absent from older files
+    d.pop("given", None)           # which options were typed; their values are in the rest
     if d["source"] != "random":
         d["source"] = os.path.abspath(d["source"])
     return json.loads(json.dumps(d))   # tuples become lists, as they will be after loading

@@ -77,6 +77,31 @@ def layer_table(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+# Layers that share a note are listed on one line from this many on (a NaN in the data
+# reaches every layer after it: 54 lines of the same note said less than one).
+GROUPED_NOTES = 3
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _note_lines(layers) -> list[str]:
+    """One line per layer note, or one for all the layers that share a note."""
+    by_note: dict[str, list[str]] = {}
+    for s in layers:
+        if s.note:
+            by_note.setdefault(s.note, []).append(s.name)
+    out = []
+    for note, names in by_note.items():
+        if len(names) >= GROUPED_NOTES:
+            out.append(f"note: {len(names)} layers ({_names(names)}), each: {note}")
+        else:
+            out.extend(f"note: {name}: {note}" for name in names)
+    return out
+
+
 def summary_lines(report: RunReport) -> list[str]:
     """A few lines after the table: totals, BN, times, memory, outputs."""
     errs = [s.error for s in report.layers if s.error is not None]
@@ -85,16 +110,13 @@ def summary_lines(report: RunReport) -> list[str]:
            f"{report.samples} calibration samples; device {report.device}"]
     if errs:
         out.append(f"mean layer error {sum(errs) / len(errs):.3e} (round-to-nearest: {sum(rtn) / len(rtn):.3e})")
-    for s in report.layers:
-        if s.note:
-            out.append(f"note: {s.name}: {s.note}")
+    out.extend(_note_lines(report.layers))
     thin = [s for s in report.layers if s.rank_deficient]
     if thin:
-        names = ", ".join(f"{s.name} ({s.rows} rows, {s.cols} inputs)" for s in thin[:4])
-        more = f" and {len(thin) - 4} more" if len(thin) > 4 else ""
+        names = _names([f"{s.name} ({s.rows} rows, {s.cols} inputs)" for s in thin])
         count = f"{len(thin)} layer{'s' if len(thin) > 1 else ''} saw"
         out.append(f"note: {count} fewer rows of calibration input than they have inputs: "
-                   f"{names}{more}. Their Hessians are rank-deficient, so their errors above are optimistic "
+                   f"{names}. Their Hessians are rank-deficient, so their errors above are optimistic "
                    "and may not carry over to other data; give more calibration samples")
     stacked = [s for s in report.layers if s.stacked > 1]
     if stacked:

@@ -183,7 +183,8 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
         g0 += layer.groups
         name, note = method.name, ""
         if bad_input:
-            note = "its calibration inputs hold NaN or Inf values: rounded to nearest; check the layers before it"
+            note = ("NaN or Inf in its calibration inputs: rounded to nearest; check the calibration data "
+                    "and the layers before it")
         elif res.fallback[g].any():
             name = f"{cfg.method}+rtn"
             note = (f"Cholesky failed in {int(res.fallback[g].sum())}/{layer.groups} group(s) even with "

@@ -144,6 +144,21 @@ def test_bad_size_option(capsys, work):
                  names=["--size", "0x12"], fix="give a positive HxW")
 
 
+@pytest.mark.parametrize("calib,options,names,fix", [
+    ("good.npz", ["--mean", "0.5"], ["--calib good.npz", "holds arrays, fed as they were saved", "--mean"],
+     "drop --mean"),
+    ("random", ["--preset", "imagenet", "--size", "12x12"], ["--calib random", "draws random tensors"],
+     "drop --preset, --size"),
+    ("good.npz", ["--input-shape", "x=1x3x12x12"], ["--calib good.npz", "--input-shape sizes the tensors of "
+     "--calib random"], "drop --input-shape"),
+])
+def test_an_option_for_another_kind_of_source(capsys, work, calib, options, names, fix):
+    """Image options with arrays or random tensors, and --input-shape with files, would go unused."""
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", calib, *options, "-o", "q.onnx"],
+                 names=names, fix=fix)
+
+
+
 @pytest.mark.parametrize("method", ["fastobq", "gptq"])
 def test_hessian_method_without_calibration(capsys, work, method):
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", method, "-o", "q.onnx"],
@@ -266,9 +281,8 @@ def test_nan_layer_upstream_gives_downstream_layers_the_right_note(capsys, work)
     code, out, err = cli(capsys, "quantize", "inf.onnx", "--calib", "good.npz", "-o", "q.onnx")
     assert code == 0, err
     assert "skipped: conv1 (Conv): the weight has NaN or Inf values" in out
-    for name in ("dw", "grouped", "fc"):
-        assert (f"note: {name}: its calibration inputs hold NaN or Inf values: rounded to nearest; "
-                "check the layers before it") in out
+    assert ("note: 3 layers (dw, grouped, fc), each: NaN or Inf in its calibration inputs: rounded to nearest; "
+            "check the calibration data and the layers before it") in out
     assert "raise --damp" not in out
     assert "BN: skipped: the model's outputs are not finite on the calibration data" in out
 
@@ -367,6 +381,8 @@ def test_random_with_dynamic_dims_and_no_input_shape(capsys, work):
     ("x=3x12", ["--input-shape x=3x12", "rank 4"], "give all 4 dimensions"),
     ("x=1x4x12x12", ["--input-shape x=1x4x12x12", "axis 1 must be 3"], "match the model's fixed dimensions"),
     ("img=1x3x12x12", ["--input-shape img=", "no input 'img'"], "its inputs are x"),
+    ("x=-1x3x12x12", ["--input-shape", "'x=-1x3x12x12'"], "give positive sizes, e.g. x=1x3x224x224"),
+    ("x=1x3x0x12", ["--input-shape", "'x=1x3x0x12'"], "give positive sizes"),
 ])
 def test_bad_input_shape(capsys, work, shape, names, fix):
     onnx.save(dynamic_hw_model(), work / "dyn.onnx")

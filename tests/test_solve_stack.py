@@ -77,7 +77,7 @@ def test_a_failing_or_broken_layer_in_a_stack_is_reported_alone():
     hessians[2][0, 0, 0] = np.nan                # NaN activations behind the last layer
     out = solve_stack(layers, weights, hessians, cfg, np, [1, 1, 1])
     assert [s.method for _, s in out] == ["fastobq", "fastobq+rtn", "rtn"]
-    assert out[2][1].note.startswith("its calibration inputs hold NaN or Inf values")
+    assert out[2][1].note.startswith("NaN or Inf in its calibration inputs")
     assert [s.stacked for _, s in out] == [1, 1, 1]
 
 

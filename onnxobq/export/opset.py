@@ -31,13 +31,18 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.
         The model itself, or a converted copy.
 
     Raises:
-        UserError: the conversion is impossible (--opset below the model's, or no adapter).
+        UserError: the conversion is impossible (--opset below the model's or past what the
+            installed onnx knows, or no adapter).
     """
     current = model_opset(model)
     target = wanted if wanted is not None else current
     if wanted is not None and wanted < current:
         raise UserError(f"--opset {wanted}: the model already uses opset {current}; "
                         "onnxobq only converts upwards")
+    newest = onnx.defs.onnx_opset_version()
+    if wanted is not None and wanted > newest:
+        raise UserError(f"--opset {wanted}: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
+                        f"give {newest} or less")
     if fmt == "qdq":
         target = max(target, QDQ_MIN_OPSET)
     if target == current:

@@ -92,3 +92,7 @@ def test_opset_conversion_rules():
     assert [o.version for o in prepare_opset(m, "fake", 21).opset_import if o.domain == ""] == [21]
     with pytest.raises(UserError, match="--opset 9: the model already uses opset 11"):
         prepare_opset(m, "qdq", 9)
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(UserError, match=rf"--opset {newest + 1}: the installed onnx .* knows opsets up to "
+                                        rf"{newest}; give {newest} or less$"):
+        prepare_opset(m, "qdq", newest + 1)
