@@ -415,13 +415,15 @@ def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[Inpu
 
     A calibration folder is often sorted by class or by kind (the first samples alike), so
     the samples are taken at even steps through it, not from its start. A Replay keeps
-    serving them from the pass it kept.
+    serving them from the pass it kept. Where that pass has batches of several shapes under a
+    fixed batch, whole batches of it are taken instead, so that the samples still fill some.
     """
     cfg = calib.cfg if isinstance(calib, Replay) else calib
     fixed = any(s.fixed_batch is not None for s in inputs)
     bs = batch_size_for(cfg, inputs)
-    if isinstance(calib, Replay) and calib.kept(inputs) is not None:
-        positions = [at for kept, _ in calib.kept(inputs) for at in kept]      # what the capture used
+    kept = calib.kept(inputs) if isinstance(calib, Replay) else None
+    if kept is not None:
+        positions = [at for at_batch, _ in kept for at in at_batch]            # what the capture used
     else:
         total = _source_samples(cfg, inputs)
         positions = range(total - total % bs if fixed else total)             # leftovers are dropped
@@ -432,7 +434,13 @@ def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[Inpu
         samples = max(samples - samples % bs, bs)
         if samples >= total:
             return calib
-    pick = tuple(positions[i * total // samples] for i in range(samples))
+    if fixed and kept is not None and len({_shapes(feed) for _, feed in kept}) > 1:
+        # samples of other shapes never share a batch, so picks at even steps could fill none:
+        # take whole batches of the capture's instead, at even steps through them
+        n = samples // bs
+        pick = tuple(at for j in range(n) for at in kept[j * len(kept) // n][0])
+    else:
+        pick = tuple(positions[i * total // samples] for i in range(samples))
     if isinstance(calib, Replay):
         cut = copy.copy(calib)
         cut.pick = pick

@@ -591,6 +591,19 @@ def test_spread_under_a_fixed_batch_picks_among_the_samples_used(tmp_path, monke
     assert firsts(batches(spread(replay, limit, inputs), inputs)) == want and len(reads) == 1
 
 
+def test_spread_under_a_fixed_batch_with_shapes_that_vary_takes_whole_batches(tmp_path):
+    """Three files of 4 samples, 5, 7 and 5 wide, under a fixed batch of 4: picks at even steps
+    (0, 1, 3, 4, 6, ...) would mix widths and fill no batch; whole kept batches fill two."""
+    for i, width in enumerate((5, 7, 5)):
+        np.save(tmp_path / f"{i}.npy", np.arange(4 * i, 4 * i + 4, dtype=np.float32)[:, None, None]
+                * np.ones((1, 3, width), np.float32))
+    inputs = [spec([4, 3, None])]
+    replay = Replay(CalibConfig(source=str(tmp_path)))
+    assert firsts(batches(replay, inputs)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert firsts(batches(spread(replay, 8, inputs), inputs)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert firsts(batches(spread(replay, 5, inputs), inputs)) == [[0, 1, 2, 3]]
+
+
 def test_a_spread_replay_with_nothing_kept_reads_once_for_every_pass(tmp_path, monkeypatch):
     source, _ = samples_file(tmp_path, 10)
     cfg, inputs = CalibConfig(source=source, batch_size=2), [spec([None, 3])]
