@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CalibConfig, Replay, batches, spread
-from .capture import model_inputs, run, session
+from .calibration import CalibConfig, Replay, batch_size_for, batches, spread
+from .capture import model_inputs, run, side_by_side, side_sessions
 from .config import BNConfig
 from .export import BNEdit, build_model
 from .export.graph_edit import constant_holder
@@ -257,28 +257,41 @@ class FloatReference:
     samples: int = 0
 
 
+def _batch_of(calib: CalibConfig | Replay, inputs) -> int:
+    """The samples per batch the passes run (see calibration.batch_size_for)."""
+    return batch_size_for(calib.cfg if isinstance(calib, Replay) else calib, inputs)
+
+
+def _samples_in(feed: dict) -> int:
+    return next(iter(feed.values())).shape[0]
+
+
 def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None) -> FloatReference:
     """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
     outs = [o.name for o in model.graph.output]
-    sess = session(model, names, device)
-    ref = FloatReference({n: Moments() for n in names}, [], [])
-    kept = 0
-    for feed in batches(calib, model_inputs(model)):
+    inputs = model_inputs(model)
+
+    def measure(sess, feed):
         got = run(sess, outs + list(names), feed)
         batch = {n: Moments.of(got[n]) for n in names}
+        return batch, {n: _batch_moments(batch[n], got[n].dtype) for n in names}, {n: got[n] for n in outs}, feed
+
+    ref = FloatReference({n: Moments() for n in names}, [], [])
+    kept = 0
+    sessions = side_sessions(model, names, device, _batch_of(calib, inputs))
+    for batch, batch_moments, outputs, feed in side_by_side(measure, batches(calib, inputs), sessions):
         for n in names:
             ref.moments[n].add(batch[n])
-        ref.batch_moments.append({n: _batch_moments(batch[n], got[n].dtype) for n in names})
+        ref.batch_moments.append(batch_moments)
         if ref.outputs is not None:
-            kept += sum(got[n].nbytes for n in outs)
+            kept += sum(a.nbytes for a in outputs.values())
             if kept <= OUTPUT_CACHE_BYTES:
-                ref.outputs.append({n: got[n] for n in outs})
+                ref.outputs.append(outputs)
             else:
                 ref.outputs = None   # too big to keep: output_error runs the float model again
-        n = next(iter(feed.values())).shape[0]
-        ref.samples += n
+        ref.samples += _samples_in(feed)
         if on_batch:
-            on_batch(n)
+            on_batch(_samples_in(feed))
     return ref
 
 
@@ -286,20 +299,29 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Repla
     """Relative squared error of the quantized model's outputs against the float model's over
     the samples of ``ref`` (NaN when either is not finite)."""
     outs = [o.name for o in model.graph.output]
-    q_sess = session(q_model, {}, device)
-    fp_sess = session(model, {}, device) if ref.outputs is None else None
-    err = total = 0.0
-    for i, feed in enumerate(batches(calib, model_inputs(model))):
+    inputs = model_inputs(model)
+
+    def compare(pair, item):
+        (q_sess, fp_sess), (i, feed) = pair, item
         fo = run(fp_sess, outs, feed) if fp_sess is not None else ref.outputs[i]
         qo = run(q_sess, outs, feed)
+        err = total = 0.0
         for n in outs:
             if np.issubdtype(fo[n].dtype, np.floating):
                 with np.errstate(invalid="ignore", over="ignore"):
                     d = fo[n].astype(np.float64) - qo[n]
                     err += float((d * d).sum())
                     total += float((fo[n].astype(np.float64) ** 2).sum())
+        return err, total, _samples_in(feed)
+
+    batch = _batch_of(calib, inputs)
+    q_sessions = side_sessions(q_model, {}, device, batch)
+    fp_sessions = side_sessions(model, {}, device, batch) if ref.outputs is None else [None] * len(q_sessions)
+    err = total = 0.0
+    for e, t, n in side_by_side(compare, enumerate(batches(calib, inputs)), list(zip(q_sessions, fp_sessions))):
+        err, total = err + e, total + t
         if on_batch:
-            on_batch(next(iter(feed.values())).shape[0])
+            on_batch(n)
     if not (np.isfinite(err) and np.isfinite(total)):
         return float("nan")
     return err / total if total > 0 else 0.0
@@ -310,18 +332,23 @@ def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatRefer
     """Population moments of the captured tensors in the train-mode model, fed the float
     model's per-batch moments."""
     names = dict(captures.values())
-    sess = session(stats_model, names, device)
-    moments = {n: Moments() for n in names}
     inputs = [spec for spec in model_inputs(stats_model) if not spec.name.startswith("_obq_")]
-    for i, feed in enumerate(batches(calib, inputs)):
+
+    def measure(sess, item):
+        i, feed = item
         q_feed = dict(feed)
         for n, (mean_in, std_in) in feeds.items():
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
         got = run(sess, list(names), q_feed)
-        for n in names:
-            moments[n].add(Moments.of(got[n]))
+        return {n: Moments.of(got[n]) for n in names}, _samples_in(feed)
+
+    moments = {n: Moments() for n in names}
+    sessions = side_sessions(stats_model, names, device, _batch_of(calib, inputs))
+    for batch, n in side_by_side(measure, enumerate(batches(calib, inputs)), sessions):
+        for name in names:
+            moments[name].add(batch[name])
         if on_batch:
-            on_batch(next(iter(feed.values())).shape[0])
+            on_batch(n)
     return moments
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calibration import CalibConfig, batches
-from .capture import model_inputs, run, session
+from .calibration import CalibConfig, batch_size_for, batches
+from .capture import model_inputs, run, side_by_side, side_sessions
 from .errors import UserError
 from .graph import load_model
 
@@ -73,14 +73,19 @@ def compare_models(float_path: str, quant_path: str, calib: CalibConfig, device:
     if missing:
         raise UserError(f"{quant_path}: has no output {missing[0]!r} of {float_path}; "
                         "compare a model with its own quantized version")
-    fp_sess, q_sess = session(fp, {}, device), session(q, {}, device)
+    inputs = model_inputs(fp)
+    batch = batch_size_for(calib, inputs)
+    pairs = list(zip(side_sessions(fp, {}, device, batch), side_sessions(q, {}, device, batch)))
+
+    def both(pair, feed):
+        return run(pair[0], names, feed), run(pair[1], names, feed), next(iter(feed.values())).shape[0]
+
     acc = {n: OutputAgreement(n) for n in names}
-    for feed in batches(calib, model_inputs(fp)):
-        a, b = run(fp_sess, names, feed), run(q_sess, names, feed)
+    for a, b, count in side_by_side(both, batches(calib, inputs), pairs):
         for n in names:
             acc[n].add(a[n], b[n])
         if on_batch:
-            on_batch(next(iter(feed.values())).shape[0])
+            on_batch(count)
     return [acc[n].result() for n in names]
 
 

@@ -118,6 +118,32 @@ def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monk
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
 
 
+def test_passes_side_by_side_give_what_one_session_gives(data, tmp_path, monkeypatch):
+    """A batch-1 model runs its BN passes on two sessions (capture.session_workers): the same
+    statistics and errors as on one, the batches folded in the same order."""
+    from onnxobq import capture
+    model, x, _ = data
+    one = onnx.ModelProto()
+    one.CopyFrom(model)
+    one.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    calib = CalibConfig(source=str(tmp_path / "calib.npz"))
+    layers = rtn_layers(one)
+    made = []
+    real = capture.session
+    monkeypatch.setattr(capture, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
+    monkeypatch.setattr(capture, "usable_cores", lambda: 2)
+    side = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
+    assert made == [1] * 8          # float pass, 2 error passes and the train-mode pass, 2 sessions each
+    monkeypatch.setattr(capture, "session_workers", lambda device, batch: (1, None))
+    alone = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
+    assert side.samples == alone.samples == N and side.kept
+    assert side.error_before == pytest.approx(alone.error_before, rel=1e-6)
+    assert side.error_after == pytest.approx(alone.error_after, rel=1e-6)
+    for a, b in zip(side.edits, alone.edits):
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a.var, b.var, rtol=1e-6, atol=1e-7)
+
+
 def test_replayed_batches_give_the_model_that_reading_every_pass_gives(capsys, data, tmp_path, monkeypatch):
     """The pipeline reads the calibration data once for the capture and BN's four passes;
     with nothing kept (REPLAY_BYTES = 0) every pass reads it again, to the same model."""

@@ -210,6 +210,46 @@ def test_prefetch_runs_at_most_depth_ahead_and_reraises():
         list(prefetch(failing(), depth=1))
 
 
+def test_side_by_side_keeps_the_order_runs_groups_on_distinct_states_and_reraises():
+    import threading
+    from onnxobq.capture import side_by_side
+
+    read, log = [], []
+
+    def items():
+        for i in range(7):
+            read.append(i)
+            yield i
+
+    def fn(state, item):
+        log.append((state, item, len(read)))
+        time.sleep(0.01 * (3 - item % 3))        # later items of a group finish first
+        return item * 10, state, threading.current_thread().name
+
+    got = list(side_by_side(fn, items(), ["a", "b", "c"]))
+    assert [g[0] for g in got] == [i * 10 for i in range(7)]
+    assert [g[1] for g in got] == ["a", "b", "c", "a", "b", "c", "a"]         # state i of each group
+    assert all(name.startswith("onnxobq-run") for _, _, name in got)
+    assert sorted((item, seen) for _, item, seen in log) == [(0, 3), (1, 3), (2, 3), (3, 6), (4, 6), (5, 6), (6, 7)]
+    assert [g[:2] for g in side_by_side(fn, range(3), ["only"])] == [(0, "only"), (10, "only"), (20, "only")]
+
+    def failing(state, item):
+        if item == 4:
+            raise ValueError("bad batch 4")
+        return item
+
+    with pytest.raises(ValueError, match="bad batch 4"):
+        list(side_by_side(failing, range(6), ["a", "b"]))
+
+
+def test_two_sessions_run_batches_of_one_sample_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(capture, "usable_cores", lambda: 16)
+    assert capture.session_workers("cpu", 1) == (2, 8)
+    assert capture.session_workers("cpu", 8) == (1, None)
+    monkeypatch.setattr(capture, "usable_cores", lambda: 1)
+    assert capture.session_workers("cpu", 1) == (1, None)
+
+
 def test_hessian_sum_over_batches_equals_the_full_product():
     """Batches summed in place give 2 X X^T / N of all of them, symmetric."""
     r = np.random.default_rng(8)

@@ -186,6 +186,32 @@ def test_compare_reports_agreement(capsys, stack):
     assert "SQNR dB" in out and "y " in out
 
 
+def test_compare_of_a_batch_one_model_on_two_sessions_gives_the_one_session_figures(capsys, tmp_path, monkeypatch):
+    from onnxobq import capture
+    fixed = builders.conv_stack(batch=1)
+    onnx.save(fixed, tmp_path / "one.onnx")
+    np.savez(tmp_path / "c.npz", x=builders.rng(4).standard_normal((5, 3, 12, 12)).astype(np.float32))
+    assert cli(capsys, "quantize", tmp_path / "one.onnx", "--bits", 3, "--method", "rtn",
+               "-o", tmp_path / "q.onnx", "-q")[0] == 0
+    monkeypatch.setattr(capture, "usable_cores", lambda: 2)
+    made = []
+    real = capture.session
+    monkeypatch.setattr(capture, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
+    runs = []
+    for workers in (None, (1, 1)):
+        if workers:
+            monkeypatch.setattr(capture, "session_workers", lambda device, batch: workers)
+        code, out, err = cli(capsys, "compare", tmp_path / "one.onnx", tmp_path / "q.onnx", "--calib",
+                             tmp_path / "c.npz", "--json")
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert made == [1, 1, 1, 1, 1, 1]           # two sessions of each model, then one of each
+    (side,), (alone,) = runs
+    assert side["sqnr_db"] < 40
+    for key in ("sqnr_db", "cosine", "top1_agreement"):
+        assert side[key] == alone[key]
+
+
 def test_bundled_model_fastobq_beats_rtn(capsys, tmp_path):
     """On the real PP-OCR classifier in models/, FastOBQ's outputs stay closer to FP32 than RTN's
     on the held-out lines."""
