@@ -40,7 +40,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         check_output_path(cfg.model, cfg.output)
         model = prepare_opset(load_model(cfg.model), cfg.format, cfg.opset)
         external = stored_externally(cfg.model)
-        scan = exclude(scan_layers(gs.import_onnx(model)), cfg.exclude)
+        found = scan_layers(gs.import_onnx(model))
+        scan = exclude(found, cfg.exclude)
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
@@ -80,7 +81,9 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        stages=stages, samples=samples, device=device_name(xp),
                        storage=_storage(cfg, opset),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
-                       bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited)
+                       bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
+                       notes=[f"--exclude {p} matched no layer (onnxobq inspect lists their names)"
+                              for p in unmatched(found, cfg.exclude)])
     if cfg.report:
         write_json(report, cfg.report)
     return report
@@ -128,6 +131,13 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
         else:
             keep.layers.append(layer)
     return keep
+
+
+def unmatched(scan: LayerScan, patterns: tuple[str, ...]) -> list[str]:
+    """The patterns of ``patterns`` that match no layer name or weight of ``scan`` (a typo,
+    most likely), skipped layers included."""
+    names = [n for item in [*scan.layers, *scan.skipped] for n in (item.name, item.weight)]
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names if n)]
 
 
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:

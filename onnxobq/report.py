@@ -28,6 +28,7 @@ class RunReport:
     bn: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     capture_waited: float | None = None
+    notes: list[str] = field(default_factory=list)     # about the run as a whole
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -43,6 +44,7 @@ class RunReport:
             "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
             "bn": self.bn,
             "outputs": self.outputs,
+            "notes": self.notes,
             "layers": [asdict(s) for s in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
             "platform": {"python": platform.python_version(), "machine": platform.machine()},
@@ -110,6 +112,7 @@ def summary_lines(report: RunReport) -> list[str]:
            f"{report.samples} calibration samples; device {report.device}"]
     if errs:
         out.append(f"mean layer error {sum(errs) / len(errs):.3e} (round-to-nearest: {sum(rtn) / len(rtn):.3e})")
+    out.extend(f"note: {note}" for note in report.notes)
     out.extend(_note_lines(report.layers))
     thin = [s for s in report.layers if s.rank_deficient]
     if thin:

@@ -163,6 +163,21 @@ def test_exclude_leaves_layers_in_float(capsys, stack):
     assert "skipped: fc (Gemm): excluded by --exclude fc" in out
 
 
+def test_an_exclude_pattern_that_matches_nothing_is_noted(capsys, stack):
+    """A typo in --exclude would otherwise leave the layer quantized without a word; a pattern
+    that matches only a weight's name, or a layer also matched by another pattern, is used."""
+    model, calib, _ = stack
+    report = model.parent / "r.json"
+    code, out, err = cli(capsys, "quantize", model, "--calib", calib, "--exclude", "fc", "--exclude", "f*",
+                         "--exclude", "conv_1", "--exclude", "w1", "-o", model.parent / "e.onnx", "--report", report)
+    assert code == 0, err
+    assert [l for l in out.splitlines() if "matched no layer" in l] == [
+        "note: --exclude conv_1 matched no layer (onnxobq inspect lists their names)"]
+    assert json.loads(report.read_text())["notes"] == ["--exclude conv_1 matched no layer (onnxobq inspect lists "
+                                                        "their names)"]
+    assert "skipped: conv1 (Conv): excluded by --exclude w1" in out
+
+
 def test_inspect_lists_layers_and_totals(capsys, stack):
     model, _, _ = stack
     code, out, _ = cli(capsys, "inspect", model)
