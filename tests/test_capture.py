@@ -241,6 +241,11 @@ def test_side_by_side_keeps_the_order_runs_groups_on_distinct_states_and_reraise
     with pytest.raises(ValueError, match="bad batch 4"):
         list(side_by_side(failing, range(6), ["a", "b"]))
 
+    endless = side_by_side(lambda state, item: item, itertools.count(), ["a", "b"])
+    assert [next(endless), next(endless), next(endless)] == [0, 1, 2]
+    endless.close()                          # a consumer that stops early: no thread left waiting
+    assert not [t for t in threading.enumerate() if t.name.startswith("onnxobq-run")]
+
 
 def test_two_sessions_run_batches_of_one_sample_on_the_cpu(monkeypatch):
     monkeypatch.setattr(capture, "usable_cores", lambda: 16)
