@@ -147,6 +147,13 @@ def apply_bn_edit(graph: gs.Graph, edit: BNEdit) -> None:
         bn.outputs.clear()
 
 
+def _min_ir_version(model: onnx.ModelProto) -> int:
+    """The IR version the model's opsets need, counting only the domains onnx knows (a
+    com.microsoft or custom domain makes onnx.helper raise)."""
+    known = [o for o in model.opset_import if o.domain in ("", "ai.onnx", "ai.onnx.ml")]
+    return onnx.helper.find_min_ir_version_for(known) if known else model.ir_version
+
+
 def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str, opset: int,
                 symmetric: bool = True, bn_edits: tuple = ()) -> onnx.ModelProto:
     """The float model with quantized weights (and BN edits) written in.
@@ -169,7 +176,7 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     # Keep the input's IR version (older runtimes read it) unless the opset needs a newer one.
-    out.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import)))
+    out.ir_version = max(model.ir_version, _min_ir_version(out))
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     out.producer_name, out.producer_version = "onnxobq", "0.1.0"

@@ -96,3 +96,18 @@ def test_opset_conversion_rules():
     with pytest.raises(UserError, match=rf"--opset {newest + 1}: the installed onnx .* knows opsets up to "
                                         rf"{newest}; give {newest} or less$"):
         prepare_opset(m, "qdq", newest + 1)
+
+
+def test_a_model_that_imports_a_non_standard_domain_is_exported():
+    """onnx.helper knows no IR version for com.microsoft (onnxruntime's fused ops) or custom
+    domains: the IR version comes from the standard domains and the other imports stay."""
+    m = builders.conv_stack()
+    m.opset_import.extend([helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("my.ops", 3)])
+    with pytest.raises(ValueError):
+        helper.find_min_ir_version_for(list(m.opset_import))
+    scan = scan_layers(gs.import_onnx(m))
+    cfg = QuantizeConfig(model="", output="", solve=SolveConfig(method="rtn"))
+    qlayers, _ = solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())
+    out = build_model(m, qlayers, "qdq", 13, True)
+    assert {(o.domain, o.version) for o in out.opset_import} >= {("com.microsoft", 1), ("my.ops", 3), ("", 13)}
+    assert out.ir_version == max(m.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", 13)]))
