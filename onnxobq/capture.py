@@ -106,7 +106,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def session_workers(device: str, batch: int) -> tuple[int, int | None]:
+# Two sessions hold two copies of the weights, and a model with large ones keeps onnxruntime's
+# threads busy on one sample anyway: 64 batch-1 samples through 24 MatMuls of 2048 x 2048
+# (400 MB) took 35.0 and 39.3 s on two sessions against 26.4 and 29.2 s on one, with 3.3 GB
+# of peak RSS against 1.9 GB (onnxobq compare, 2 cores). The detector's model is 20 MB.
+SIDE_MODEL_BYTES = 64 << 20
+
+
+def session_workers(device: str, batch: int, model_bytes: int = 0) -> tuple[int, int | None]:
     """How many sessions of a model run its batches side by side (see side_by_side), and
     onnxruntime's threads for each (None: its default).
 
@@ -115,11 +122,12 @@ def session_workers(device: str, batch: int) -> tuple[int, int | None]:
     detector (fixed batch 1) took 1.86 to 2.04 s on two 1-thread sessions against 2.39 to
     2.91 s on one session, alternating, and its BN stage (128 images) 28.7 and 29.0 s
     against 34.5 and 36.2 s. ResNet-50 in batches of 8 took the same either way, so larger
-    batches keep one session. Used by the BN passes and by compare, not by the capture (see
-    capture_hessians).
+    batches keep one session, and so do models of more than SIDE_MODEL_BYTES. Used by the BN
+    passes and by compare, not by the capture (see capture_hessians).
     """
     cores = usable_cores()
-    if batch == 1 and cores >= 2 and providers(device)[0] == "CPUExecutionProvider":
+    if (batch == 1 and cores >= 2 and model_bytes <= SIDE_MODEL_BYTES
+            and providers(device)[0] == "CPUExecutionProvider"):
         return 2, cores // 2
     return 1, None
 
@@ -127,7 +135,7 @@ def session_workers(device: str, batch: int) -> tuple[int, int | None]:
 def side_sessions(model: onnx.ModelProto, extra: dict[str, int], device: str, batch: int,
                   spin: bool = True) -> list:
     """The sessions of ``model`` that session_workers asks for, for batches of ``batch`` samples."""
-    workers, threads = session_workers(device, batch)
+    workers, threads = session_workers(device, batch, model.ByteSize())
     return [session(model, extra, device, spin=spin, threads=threads) for _ in range(workers)]
 
 

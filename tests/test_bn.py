@@ -134,7 +134,7 @@ def test_passes_side_by_side_give_what_one_session_gives(data, tmp_path, monkeyp
     monkeypatch.setattr(capture, "usable_cores", lambda: 2)
     side = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
     assert made == [1] * 8          # float pass, 2 error passes and the train-mode pass, 2 sessions each
-    monkeypatch.setattr(capture, "session_workers", lambda device, batch: (1, None))
+    monkeypatch.setattr(capture, "session_workers", lambda device, batch, size=0: (1, None))
     alone = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
     assert side.samples == alone.samples == N and side.kept
     assert side.error_before == pytest.approx(alone.error_before, rel=1e-6)

@@ -251,6 +251,8 @@ def test_two_sessions_run_batches_of_one_sample_on_the_cpu(monkeypatch):
     monkeypatch.setattr(capture, "usable_cores", lambda: 16)
     assert capture.session_workers("cpu", 1) == (2, 8)
     assert capture.session_workers("cpu", 8) == (1, None)
+    assert capture.session_workers("cpu", 1, capture.SIDE_MODEL_BYTES) == (2, 8)
+    assert capture.session_workers("cpu", 1, capture.SIDE_MODEL_BYTES + 1) == (1, None)
     monkeypatch.setattr(capture, "usable_cores", lambda: 1)
     assert capture.session_workers("cpu", 1) == (1, None)
 

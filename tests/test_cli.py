@@ -215,7 +215,7 @@ def test_compare_of_a_batch_one_model_on_two_sessions_gives_the_one_session_figu
     runs = []
     for workers in (None, (1, 1)):
         if workers:
-            monkeypatch.setattr(capture, "session_workers", lambda device, batch: workers)
+            monkeypatch.setattr(capture, "session_workers", lambda device, batch, size=0: workers)
         code, out, err = cli(capsys, "compare", tmp_path / "one.onnx", tmp_path / "q.onnx", "--calib",
                              tmp_path / "c.npz", "--json")
         assert code == 0, err
