@@ -79,7 +79,8 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
             header = json.loads(str(npz["header"]))
         except (ValueError, KeyError):
             raise not_ours from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if (not isinstance(header, dict) or header.get("format") != FORMAT
+                or not {"model", "model_sha256", "calib", "samples", "keys"} <= set(header)):
             raise not_ours
         if header["model_sha256"] != model_digest(model_path):
             raise UserError(f"--hessians {path}: captured from another model ({header['model']}), "
@@ -97,6 +98,22 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
                 raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
                                 f"(saved with other --exclude patterns?); {again}")
             if key not in hessians:
-                hessians[key] = xp.asarray(npz[f"h{i}"])
-                rows[key] = int(npz[f"rows{i}"])
+                H, n = _arrays(npz, i, layer)
+                if H is None:
+                    raise UserError(f"--hessians {path}: damaged (the Hessian of layer {layer.name} is missing "
+                                    f"or not {layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
+                hessians[key], rows[key] = xp.asarray(H), n
     return Captured(hessians, rows, header["samples"])
+
+
+def _arrays(npz, i: int, layer: Layer):
+    """Hessian i of the file and its row count, checked against the layer; (None, None) if
+    they are missing or do not fit."""
+    try:
+        H, n = npz[f"h{i}"], npz[f"rows{i}"]
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return None, None
+    if (H.shape != (layer.groups, layer.cols, layer.cols) or not np.issubdtype(H.dtype, np.floating)
+            or n.shape != () or not np.issubdtype(n.dtype, np.integer)):
+        return None, None
+    return H, int(n)

@@ -1,4 +1,5 @@
 """Saved Hessians: a run from --hessians equals a run that captures, and a wrong file is refused."""
+import json
 import numpy as np
 import onnx
 import pytest
@@ -95,3 +96,32 @@ def test_the_calibration_description_leaves_out_the_bn_pick():
     from onnxobq.hessians import calib_description
     d = calib_description(CalibConfig(source="random", samples=4, pick=(0, 2)))
     assert "pick" not in d and d == calib_description(CalibConfig(source="random", samples=4))
+
+
+def test_a_damaged_hessian_file_is_refused_in_one_line(capsys, stack, tmp_path):
+    """A file with a good header whose arrays are missing, misshapen or not floats."""
+    model, calib = stack
+    h = tmp_path / "h.npz"
+    assert cli(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "a.onnx", "--save-hessians", h,
+               "-q")[0] == 0
+    good = dict(np.load(h))
+    conv1 = "the Hessian of layer conv1 is missing or not 1 x 27 x 27 floats"
+    damaged = {"no_h0": ({k: v for k, v in good.items() if k != "h0"}, conv1),
+               "flat_h0": ({**good, "h0": good["h0"][0]}, conv1),
+               "int_h0": ({**good, "h0": good["h0"].astype(np.int32)}, conv1),
+               "vector_rows": ({**good, "rows0": np.array([1, 2])}, conv1)}
+    for name, (arrays, why) in damaged.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        out = tmp_path / "out.onnx"
+        code, _, err = cli(capsys, "quantize", model, "--calib", calib, "--hessians", tmp_path / f"{name}.npz",
+                           "-o", out, "-q")
+        assert (code, err.strip()) == (2, f"onnxobq: error: --hessians {tmp_path / name}.npz: damaged ({why}); "
+                                          "capture them again with --save-hessians"), name
+        assert not out.exists()
+    header = json.loads(str(good["header"]))
+    del header["keys"]
+    np.savez(tmp_path / "nokeys.npz", **{**good, "header": np.array(json.dumps(header))})
+    code, _, err = cli(capsys, "quantize", model, "--calib", calib, "--hessians", tmp_path / "nokeys.npz",
+                       "-o", tmp_path / "out.onnx", "-q")
+    assert (code, err.strip()) == (2, f"onnxobq: error: --hessians {tmp_path / 'nokeys.npz'}: not a Hessian file "
+                                      "of this onnxobq version; capture them again with --save-hessians")
