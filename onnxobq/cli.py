@@ -238,6 +238,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
     for option, path in (("--report", report_path), ("--save-hessians", save_hessians)):
         if path is not None:
             _check_side_file(path, option, model, output)
+    _check_clashes({"--output": output, "--report": report_path, "--save-hessians": save_hessians},
+                   {"--calib": calib_kw["calib"], "--hessians": hessians_path})
     cfg = QuantizeConfig(
         model=model, output=output, calib=calib_config(calib_kw),
         solve=SolveConfig(method=method, order=order, block=block,
@@ -273,6 +275,24 @@ def _check_side_file(path: str, option: str, model: str, output: str) -> None:
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         raise click.BadParameter(f"{path}: folder {parent} does not exist; create it first", param_hint=option)
+
+
+def _check_clashes(written: dict, read: dict) -> None:
+    """Refuse a file that the run writes where it reads another input (--calib's file,
+    --hessians), or that two options would both write."""
+    seen = {}
+    for option, path in written.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        for other, source in read.items():
+            if source is not None and os.path.isfile(source) and real == os.path.realpath(source):
+                raise click.BadParameter(f"{path}: this is the {other} file, an input; give another path",
+                                         param_hint=option)
+        if real in seen:
+            raise click.BadParameter(f"{path}: {seen[real]} writes there too; give two different files",
+                                     param_hint=option)
+        seen[real] = option
 
 
 @cli.command()

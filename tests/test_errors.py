@@ -217,6 +217,18 @@ def test_report_would_overwrite_a_model(capsys, work, report):
                  names=["--report", report], fix="give another file")
 
 
+@pytest.mark.parametrize("args,names,fix", [
+    (["-o", "good.npz"], ["--output", "good.npz: this is the --calib file"], "give another path"),
+    (["-o", "q.onnx", "--report", "good.npz"], ["--report", "good.npz: this is the --calib file"], "give another path"),
+    (["-o", "q.onnx", "--save-hessians", "./good.npz"], ["--save-hessians", "this is the --calib file"],
+     "give another path"),
+    (["-o", "q.onnx", "--report", "s.npz", "--save-hessians", "s.npz"],
+     ["--save-hessians", "s.npz: --report writes there too"], "give two different files"),
+])
+def test_an_output_that_would_overwrite_another_input(capsys, work, args, names, fix):
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", *args], names=names, fix=fix)
+
+
 def test_report_folder_missing(capsys, work):
     """Used to write q.onnx, then die with a FileNotFoundError traceback on the report."""
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx",
