@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -85,7 +86,12 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        notes=[f"--exclude {p} matched no layer (onnxobq inspect lists their names)"
                               for p in unmatched(found, cfg.exclude)])
     if cfg.report:
-        write_json(report, cfg.report)
+        try:
+            write_json(report, cfg.report)
+        except UserError:       # a failed run leaves no output behind
+            for path in written:
+                os.unlink(path)
+            raise
     return report
 
 

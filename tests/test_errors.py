@@ -229,6 +229,20 @@ def test_an_output_that_would_overwrite_another_input(capsys, work, args, names,
     expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", *args], names=names, fix=fix)
 
 
+def test_a_report_that_cannot_be_written_leaves_no_model(capsys, work, monkeypatch):
+    """The report is written after the model; when it fails (a full disk), the model goes too."""
+    from onnxobq import pipeline
+    from onnxobq.errors import UserError
+
+    def full(report, path):
+        raise UserError(f"{path}: cannot write it (No space left on device); check the folder's permissions "
+                        "and the free disk space")
+
+    monkeypatch.setattr(pipeline, "write_json", full)
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--report", "r.json"],
+                 names=["r.json: cannot write it"], fix="the free disk space")
+
+
 def test_report_folder_missing(capsys, work):
     """Used to write q.onnx, then die with a FileNotFoundError traceback on the report."""
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx",

@@ -82,13 +82,17 @@ def write_atomically(path: str, write, binary: bool = False) -> None:
     sees a partial file, and a failed write leaves nothing. ``write(f)`` writes the content."""
     folder = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=suffix, dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=suffix, dir=folder)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as exc:   # named after the user's path, not the temporary one
+        raise UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
+                        "check the folder's permissions and the free disk space") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -153,8 +157,9 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
         external, threshold = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD, 1024
     out_dir = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    tmp = tempfile.mkdtemp(prefix=".onnxobq-", dir=out_dir)
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(prefix=".onnxobq-", dir=out_dir)
         tmp_model = os.path.join(tmp, name)
         onnx.save_model(model, tmp_model, save_as_external_data=external,
                         all_tensors_to_one_file=True, location=name + ".data", size_threshold=threshold)
@@ -166,5 +171,9 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
         os.replace(tmp_model, os.path.join(out_dir, name))
         written.insert(0, os.path.join(out_dir, name))
         return written
+    except OSError as exc:   # named after the user's path, not the temporary folder
+        raise UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
+                        "check the folder's permissions and the free disk space") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from onnxobq import capture
 from onnxobq.cli import main
@@ -42,3 +43,26 @@ def test_serialized_leaves_the_model_as_it_was(monkeypatch):
         assert isinstance(source, str) and source.endswith(".onnx")
         assert onnx.load(source).graph.node
     assert model.SerializeToString() == before
+
+
+def test_a_failed_write_names_the_users_path_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk or a folder without write permission, seen when the file is renamed into
+    place: the error names the path the user gave, not the temporary one."""
+    import errno
+    import os
+
+    from onnxobq.errors import UserError
+    from onnxobq.graph.io import save_model, write_atomically
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src)
+
+    monkeypatch.setattr(os, "replace", full)
+    fix = "check the folder's permissions and the free disk space"
+    with pytest.raises(UserError) as err:
+        write_atomically(str(tmp_path / "r.json"), lambda f: f.write("{}"))
+    assert str(err.value) == f"{tmp_path / 'r.json'}: cannot write it (No space left on device); {fix}"
+    with pytest.raises(UserError) as err:
+        save_model(builders.conv_stack(), str(tmp_path / "q.onnx"))
+    assert str(err.value) == f"{tmp_path / 'q.onnx'}: cannot write it (No space left on device); {fix}"
+    assert list(tmp_path.iterdir()) == []
