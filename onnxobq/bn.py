@@ -78,7 +78,8 @@ class Moments:
         return self.total / self.count
 
     def var(self) -> np.ndarray:
-        return np.maximum(self.squares / self.count - self.mean() ** 2, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):   # inf - inf: reported as not finite instead
+            return np.maximum(self.squares / self.count - self.mean() ** 2, 0.0)
 
 
 @dataclass(frozen=True)
@@ -362,8 +363,9 @@ def bn_statistics(bn: BNNode, fp: Moments | None, q: Moments, mode: str):
     """
     if mode == "reestimate" or fp is None:
         return q.mean(), q.var()
-    ratio = np.where(fp.var() > 1e-30, np.sqrt(q.var() / np.maximum(fp.var(), 1e-30)), 1.0)
-    var = (bn.var + bn.epsilon) * ratio ** 2 - bn.epsilon
+    with np.errstate(invalid="ignore", over="ignore"):     # non-finite statistics are reported instead
+        ratio = np.where(fp.var() > 1e-30, np.sqrt(q.var() / np.maximum(fp.var(), 1e-30)), 1.0)
+        var = (bn.var + bn.epsilon) * ratio ** 2 - bn.epsilon
     return q.mean() - (fp.mean() - bn.mean) * ratio, np.maximum(var, 0.0)
 
 

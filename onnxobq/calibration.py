@@ -135,6 +135,10 @@ def source_kind(cfg: CalibConfig) -> str:
     image = [o for o in cfg.given if o not in RANDOM_ONLY]
     if image and kind != "images":
         what = "draws random tensors" if kind == "random" else "holds arrays, fed as they were saved"
+        if kind == "arrays" and os.path.isdir(cfg.source) and _list_files(cfg.source, IMAGE_EXTENSIONS):
+            raise UserError(f"--calib {cfg.source}: the folder's .npy/.npz files are read, not its images; "
+                            "move the arrays out to calibrate on the images, or drop "
+                            f"{', '.join(image)} to use the arrays")
         raise UserError(f"--calib {cfg.source}: {what}, and {', '.join(image)} apply to image folders "
                         f"only; drop {', '.join(image)}")
     if any(o in RANDOM_ONLY for o in cfg.given) and kind != "random":

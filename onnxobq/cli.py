@@ -35,6 +35,21 @@ class SamplesOrAll(click.ParamType):
         return n
 
 
+class PositiveFinite(click.ParamType):
+    """A float above 0 and finite (click's FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (x > 0 and x < float("inf")):
+            self.fail(f"{value!r} is not a finite number above 0", param, ctx)
+        return x
+
+
 class BarProgress(pipeline.Progress):
     """tqdm bars on stderr for the calibration batches and the layers."""
 
@@ -180,7 +195,7 @@ def cli():
                    "rtn: round to nearest (no calibration needed).")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Column order (default: sensi_des for fastobq, none for gptq; act = GPTQ act-order).")
-@click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+@click.option("--damp", type=PositiveFinite(), default=0.01, show_default=True,
               help="Damping added to the Hessian's diagonal.")
 @click.option("--damp-mode", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True,
               help="relative: damp * mean(diag H) (GPTQ); absolute: damp itself (the paper uses 0.1).")

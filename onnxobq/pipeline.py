@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
 from .capture import Captured, capture_hessians
-from .calibration import Replay, planned_samples
+from .calibration import Replay, planned_samples, source_kind
 from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
@@ -168,6 +168,8 @@ def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if method.uses_hessian and cfg.calib is None and cfg.hessians is None:
         raise UserError(f"--method {cfg.solve.method} needs calibration data: give --calib FOLDER|FILE, "
                         "or --calib random for a smoke run")
+    if cfg.calib is not None:
+        source_kind(cfg.calib)      # options for another kind of source fail now, not after a --hessians solve
 
 
 def _planned(cfg: QuantizeConfig, model) -> int | None:

@@ -243,6 +243,32 @@ def test_a_report_that_cannot_be_written_leaves_no_model(capsys, work, monkeypat
                  names=["r.json: cannot write it"], fix="the free disk space")
 
 
+@pytest.mark.parametrize("damp", ["nan", "inf", "0", "-1", "x"])
+def test_damp_must_be_a_finite_number_above_zero(capsys, work, damp):
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", "--damp", damp, "-o", "q.onnx"],
+                 names=["--damp", f"'{damp}'"], fix="is not a" + (" number" if damp == "x" else " finite number above 0"))
+
+
+def test_image_options_with_a_folder_of_arrays_and_images_say_which_is_read(capsys, work):
+    (work / "mixed").mkdir()
+    np.save(work / "mixed" / "a.npy", np.zeros((2, 3, 12, 12), np.float32))
+    from PIL import Image
+    Image.new("RGB", (12, 12)).save(work / "mixed" / "b.png")
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "mixed", "--mean", "0.5", "-o", "q.onnx"],
+                 names=["--calib mixed", "the folder's .npy/.npz files are read, not its images"],
+                 fix="move the arrays out to calibrate on the images, or drop --mean to use the arrays")
+
+
+def test_options_for_another_source_fail_before_a_hessians_solve(capsys, work, monkeypatch):
+    from onnxobq import pipeline
+    assert main(["quantize", "m.onnx", "--calib", "good.npz", "--save-hessians", "h.npz", "-o", "a.onnx", "-q"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(pipeline, "load_hessians", lambda *a: pytest.fail("loaded the Hessians first"))
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", "--hessians", "h.npz", "--size", "12x12",
+                                "-o", "q.onnx"], names=["--calib good.npz", "--size apply to image folders"],
+                 fix="drop --size")
+
+
 def test_report_folder_missing(capsys, work):
     """Used to write q.onnx, then die with a FileNotFoundError traceback on the report."""
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx",

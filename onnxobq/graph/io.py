@@ -34,6 +34,8 @@ def load_model(path: str) -> onnx.ModelProto:
         raise UserError(f"{path}: is a folder, not a model file; give the path of the .onnx file in it")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file; give the path of an exported .onnx model")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: no permission to read it; give a model file you can read")
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
