@@ -183,6 +183,11 @@ def random_shapes(cfg: CalibConfig, inputs: list[InputSpec]) -> dict:
                                 f"input '{spec.name}' has rank {len(spec.shape)} {_fmt_shape(spec.shape)}; "
                                 f"give all {len(spec.shape)} dimensions, e.g. {spec.name}={example}")
             for axis, (want, got) in enumerate(zip(spec.shape[1:], given), start=1):
+                if (want is not None and want != got) and len(cfg.shapes[spec.name]) < len(spec.shape):
+                    raise UserError(f"--input-shape {spec.name}={'x'.join(map(str, cfg.shapes[spec.name]))}: "
+                                    f"read as one sample without the batch axis, it does not fit input "
+                                    f"'{spec.name}' {_fmt_shape(spec.shape)}; give all {len(spec.shape)} "
+                                    f"dimensions, e.g. {spec.name}={example}")
                 if got < 1 or (want is not None and want != got):
                     raise UserError(f"--input-shape {spec.name}={'x'.join(map(str, cfg.shapes[spec.name]))}: "
                                     f"input '{spec.name}' is {_fmt_shape(spec.shape)} (axis {axis} must be "

@@ -287,6 +287,9 @@ def _check_side_file(path: str, option: str, model: str, output: str) -> None:
                                      param_hint=option)
     if os.path.isdir(real):
         raise click.BadParameter(f"{path}: is a folder; give a file name, e.g. {example}", param_hint=option)
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise click.BadParameter(f"{path}: is not a regular file (a device or a pipe), which the atomic rename "
+                                 f"would replace; give a file name, e.g. {example}", param_hint=option)
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         raise click.BadParameter(f"{path}: folder {parent} does not exist; create it first", param_hint=option)
@@ -366,6 +369,9 @@ def compare(float_model, quant_model, device, as_json, **calib_kw):
 
 def main(argv=None) -> int:
     """Entry point: every user error is one line on stderr with exit status 2."""
+    if not (sys.argv[1:] if argv is None else argv):
+        click.echo(cli.get_help(click.Context(cli, info_name="onnxobq")))   # no command: the help, as click shows it
+        return 0
     try:
         cli.main(args=argv, prog_name="onnxobq", standalone_mode=False)
     except click.exceptions.Exit as e:

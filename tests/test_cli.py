@@ -178,6 +178,12 @@ def test_an_exclude_pattern_that_matches_nothing_is_noted(capsys, stack):
     assert "skipped: conv1 (Conv): excluded by --exclude w1" in out
 
 
+def test_no_command_prints_the_help(capsys):
+    code, out, err = cli(capsys)
+    assert (code, err) == (0, "")
+    assert out.startswith("Usage: onnxobq [OPTIONS] COMMAND [ARGS]...") and "quantize" in out and "compare" in out
+
+
 def test_inspect_lists_layers_and_totals(capsys, stack):
     model, _, _ = stack
     code, out, _ = cli(capsys, "inspect", model)

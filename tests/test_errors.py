@@ -269,6 +269,17 @@ def test_options_for_another_source_fail_before_a_hessians_solve(capsys, work, m
                  fix="drop --size")
 
 
+@pytest.mark.parametrize("option", ["-o", "--report"])
+def test_an_output_that_is_a_pipe_is_refused(capsys, work, option):
+    """The atomic rename would replace the pipe (or, as root, a device such as /dev/null)."""
+    import os
+    os.mkfifo(work / "pipe")
+    args = ["-o", "pipe"] if option == "-o" else ["-o", "q.onnx", "--report", "pipe"]
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", *args],
+                 names=["pipe: is not a regular file"], fix="give a file name")
+    assert not (work / "pipe").is_file()
+
+
 def test_report_folder_missing(capsys, work):
     """Used to write q.onnx, then die with a FileNotFoundError traceback on the report."""
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx",
@@ -433,6 +444,7 @@ def test_random_with_dynamic_dims_and_no_input_shape(capsys, work):
     ("x=3x12", ["--input-shape x=3x12", "rank 4"], "give all 4 dimensions"),
     ("x=1x4x12x12", ["--input-shape x=1x4x12x12", "axis 1 must be 3"], "match the model's fixed dimensions"),
     ("img=1x3x12x12", ["--input-shape img=", "no input 'img'"], "its inputs are x"),
+    ("x=1x3x12", ["--input-shape x=1x3x12", "read as one sample without the batch axis"], "give all 4 dimensions"),
     ("x=-1x3x12x12", ["--input-shape", "'x=-1x3x12x12'"], "give positive sizes, e.g. x=1x3x224x224"),
     ("x=1x3x0x12", ["--input-shape", "'x=1x3x0x12'"], "give positive sizes"),
 ])

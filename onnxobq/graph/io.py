@@ -118,6 +118,9 @@ def check_output_path(model_path: str, output_path: str) -> None:
                             "model's external data; give another output path")
     if os.path.isdir(out):
         raise UserError(f"--output {output_path}: is a folder; give a file name ending in .onnx")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise UserError(f"--output {output_path}: is not a regular file (a device or a pipe), which the atomic "
+                        "rename would replace; give a file name ending in .onnx")
     parent = os.path.dirname(out) or "."
     if not os.path.isdir(parent):
         raise UserError(f"--output {output_path}: folder {parent} does not exist; create it first")
