@@ -74,6 +74,9 @@ def compare_models(float_path: str, quant_path: str, calib: CalibConfig, device:
         raise UserError(f"{quant_path}: has no output {missing[0]!r} of {float_path}; "
                         "compare a model with its own quantized version")
     inputs = model_inputs(fp)
+    if model_inputs(q) != inputs:
+        raise UserError(f"{quant_path}: its inputs ({_described(model_inputs(q))}) are not those of {float_path} "
+                        f"({_described(inputs)}); compare a model with its own quantized version")
     batch = batch_size_for(calib, inputs)
     pairs = list(zip(side_sessions(fp, {}, device, batch), side_sessions(q, {}, device, batch)))
 
@@ -87,6 +90,10 @@ def compare_models(float_path: str, quant_path: str, calib: CalibConfig, device:
         if on_batch:
             on_batch(count)
     return [acc[n].result() for n in names]
+
+
+def _described(inputs) -> str:
+    return ", ".join(f"{i.name} [{', '.join('?' if d is None else str(d) for d in i.shape)}] {i.dtype}" for i in inputs)
 
 
 def _np_type(value_info) -> np.dtype:

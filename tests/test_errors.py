@@ -280,6 +280,14 @@ def test_an_output_that_is_a_pipe_is_refused(capsys, work, option):
     assert not (work / "pipe").is_file()
 
 
+def test_compare_with_a_model_of_other_inputs(capsys, work):
+    m = builders.conv_stack(batch=1)
+    onnx.save(m, work / "one.onnx")
+    expect_error(capsys, work, ["compare", "m.onnx", "one.onnx", "--calib", "good.npz"],
+                 names=["one.onnx: its inputs (x [1, 3, 12, 12] float32) are not those of m.onnx "
+                        "(x [?, 3, 12, 12] float32)"], fix="compare a model with its own quantized version")
+
+
 def test_report_folder_missing(capsys, work):
     """Used to write q.onnx, then die with a FileNotFoundError traceback on the report."""
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx",
