@@ -442,3 +442,13 @@ def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, 
     first = layers[0]
     np.testing.assert_allclose(shifted.hessians[first.hessian_key],
                                2 * brute_force_conv_hessian(x, first) / (5 * 144), rtol=1e-4, atol=1e-5)
+
+
+def test_a_feed_that_onnxruntime_rejects_is_one_line_naming_the_input():
+    from onnxobq.errors import UserError
+    sess = capture.session(builders.conv_stack(), {})
+    with pytest.raises(UserError) as err:
+        capture.run(sess, ["y"], {"x": np.zeros((4, 3, 8, 8), np.float32)})
+    assert str(err.value) == ("onnxruntime rejected the calibration batch (input 'x' is [?, 3, 12, 12], the batch "
+                              "has shape [4, 3, 8, 8]); check the calibration data's shapes and dtypes against "
+                              "the model inputs")
