@@ -79,6 +79,12 @@ def external_data_files(path: str) -> list[str]:
     return sorted(files)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str, write, binary: bool = False) -> None:
     """Write a file through a temporary one beside it, renamed into place: a reader never
     sees a partial file, and a failed write leaves nothing. ``write(f)`` writes the content."""
@@ -89,6 +95,7 @@ def write_atomically(path: str, write, binary: bool = False) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=suffix, dir=folder)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes it 0600; a file written in place would not be
         os.replace(tmp, path)
     except OSError as exc:   # named after the user's path, not the temporary one
         raise UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "

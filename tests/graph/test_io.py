@@ -66,3 +66,14 @@ def test_a_failed_write_names_the_users_path_and_leaves_nothing(tmp_path, monkey
         save_model(builders.conv_stack(), str(tmp_path / "q.onnx"))
     assert str(err.value) == f"{tmp_path / 'q.onnx'}: cannot write it (No space left on device); {fix}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomically_written_file_gets_the_mode_of_a_file_written_in_place(tmp_path):
+    import os
+    import stat
+
+    from onnxobq.graph.io import write_atomically
+    write_atomically(str(tmp_path / "r.json"), lambda f: f.write("{}"))
+    with open(tmp_path / "plain", "w") as f:
+        f.write("{}")
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
