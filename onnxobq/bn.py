@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CalibConfig, Replay, batch_size_for, batches, spread
+from .calibration import CalibConfig, Replay, batches, feed_samples, spread
 from .capture import model_inputs, run, side_by_side, side_sessions
 from .config import BNConfig
 from .export import BNEdit, build_model
@@ -258,15 +258,6 @@ class FloatReference:
     samples: int = 0
 
 
-def _batch_of(calib: CalibConfig | Replay, inputs) -> int:
-    """The samples per batch the passes run (see calibration.batch_size_for)."""
-    return batch_size_for(calib.cfg if isinstance(calib, Replay) else calib, inputs)
-
-
-def _samples_in(feed: dict) -> int:
-    return next(iter(feed.values())).shape[0]
-
-
 def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str, on_batch=None) -> FloatReference:
     """Run the float model once, measuring ``names`` (tensor -> ONNX type) and keeping its outputs."""
     outs = [o.name for o in model.graph.output]
@@ -279,7 +270,7 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str
 
     ref = FloatReference({n: Moments() for n in names}, [], [])
     kept = 0
-    sessions = side_sessions(model, names, device, _batch_of(calib, inputs))
+    sessions = side_sessions(model, names, device, calib, inputs)
     for batch, batch_moments, outputs, feed in side_by_side(measure, batches(calib, inputs), sessions):
         for n in names:
             ref.moments[n].add(batch[n])
@@ -290,9 +281,9 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str
                 ref.outputs.append(outputs)
             else:
                 ref.outputs = None   # too big to keep: output_error runs the float model again
-        ref.samples += _samples_in(feed)
+        ref.samples += feed_samples(feed)
         if on_batch:
-            on_batch(_samples_in(feed))
+            on_batch(feed_samples(feed))
     return ref
 
 
@@ -313,11 +304,10 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Repla
                     d = fo[n].astype(np.float64) - qo[n]
                     err += float((d * d).sum())
                     total += float((fo[n].astype(np.float64) ** 2).sum())
-        return err, total, _samples_in(feed)
+        return err, total, feed_samples(feed)
 
-    batch = _batch_of(calib, inputs)
-    q_sessions = side_sessions(q_model, {}, device, batch)
-    fp_sessions = side_sessions(model, {}, device, batch) if ref.outputs is None else [None] * len(q_sessions)
+    q_sessions = side_sessions(q_model, {}, device, calib, inputs)
+    fp_sessions = side_sessions(model, {}, device, calib, inputs) if ref.outputs is None else [None] * len(q_sessions)
     err = total = 0.0
     for e, t, n in side_by_side(compare, enumerate(batches(calib, inputs)), list(zip(q_sessions, fp_sessions))):
         err, total = err + e, total + t
@@ -341,10 +331,10 @@ def train_mode_moments(stats_model, captures: dict, feeds: dict, ref: FloatRefer
         for n, (mean_in, std_in) in feeds.items():
             q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
         got = run(sess, list(names), q_feed)
-        return {n: Moments.of(got[n]) for n in names}, _samples_in(feed)
+        return {n: Moments.of(got[n]) for n in names}, feed_samples(feed)
 
     moments = {n: Moments() for n in names}
-    sessions = side_sessions(stats_model, names, device, _batch_of(calib, inputs))
+    sessions = side_sessions(stats_model, names, device, calib, inputs)
     for batch, n in side_by_side(measure, enumerate(batches(calib, inputs)), sessions):
         for name in names:
             moments[name].add(batch[name])

@@ -396,13 +396,19 @@ def _as_batch(a: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     return a.astype(spec.dtype, copy=False)
 
 
-def batch_size_for(cfg: CalibConfig, inputs: list[InputSpec]) -> int:
-    """The model's fixed batch size where it has one, else ``cfg.batch_size``."""
+def batch_size_for(cfg: "CalibConfig | Replay", inputs: list[InputSpec]) -> int:
+    """The model's fixed batch size where it has one, else ``cfg.batch_size`` (a Replay's source's)."""
+    cfg = cfg.cfg if isinstance(cfg, Replay) else cfg
     fixed = {s.fixed_batch for s in inputs if s.fixed_batch is not None}
     if len(fixed) > 1:
         raise UserError(f"the model inputs fix different batch sizes {sorted(fixed)}; "
                         "onnxobq cannot batch them")
     return fixed.pop() if fixed else max(1, cfg.batch_size)
+
+
+def feed_samples(feed: dict) -> int:
+    """How many samples a batch of :func:`batches` holds."""
+    return next(iter(feed.values())).shape[0]
 
 
 def batches(calib: "CalibConfig | Replay", inputs: list[InputSpec]) -> Iterator[dict]:

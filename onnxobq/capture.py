@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from .backend import Uploader, is_cupy
-from .calibration import CalibConfig, InputSpec, Replay, batches
+from .calibration import CalibConfig, InputSpec, Replay, batch_size_for, batches, feed_samples
 from .errors import UserError
 from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
@@ -132,10 +132,10 @@ def session_workers(device: str, batch: int, model_bytes: int = 0) -> tuple[int,
     return 1, None
 
 
-def side_sessions(model: onnx.ModelProto, extra: dict[str, int], device: str, batch: int,
-                  spin: bool = True) -> list:
-    """The sessions of ``model`` that session_workers asks for, for batches of ``batch`` samples."""
-    workers, threads = session_workers(device, batch, model.ByteSize())
+def side_sessions(model: onnx.ModelProto, extra: dict[str, int], device: str, calib: CalibConfig | Replay,
+                  inputs: list[InputSpec], spin: bool = True) -> list:
+    """The sessions of ``model`` that session_workers asks for, for the batches of ``calib``."""
+    workers, threads = session_workers(device, batch_size_for(calib, inputs), model.ByteSize())
     return [session(model, extra, device, spin=spin, threads=threads) for _ in range(workers)]
 
 
@@ -830,7 +830,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             feed, acts = item
             for key, layer in first.items():
                 accumulate(layer, acts[layer.input], sums[key], xp, upload, product)
-            n = next(iter(feed.values())).shape[0]
+            n = feed_samples(feed)
             samples += n
             if on_batch:
                 on_batch(n)

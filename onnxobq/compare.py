@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calibration import CalibConfig, batch_size_for, batches
+from .calibration import CalibConfig, batches, feed_samples
 from .capture import model_inputs, run, side_by_side, side_sessions
 from .errors import UserError
 from .graph import load_model
@@ -77,11 +77,10 @@ def compare_models(float_path: str, quant_path: str, calib: CalibConfig, device:
     if model_inputs(q) != inputs:
         raise UserError(f"{quant_path}: its inputs ({_described(model_inputs(q))}) are not those of {float_path} "
                         f"({_described(inputs)}); compare a model with its own quantized version")
-    batch = batch_size_for(calib, inputs)
-    pairs = list(zip(side_sessions(fp, {}, device, batch), side_sessions(q, {}, device, batch)))
+    pairs = list(zip(side_sessions(fp, {}, device, calib, inputs), side_sessions(q, {}, device, calib, inputs)))
 
     def both(pair, feed):
-        return run(pair[0], names, feed), run(pair[1], names, feed), next(iter(feed.values())).shape[0]
+        return run(pair[0], names, feed), run(pair[1], names, feed), feed_samples(feed)
 
     acc = {n: OutputAgreement(n) for n in names}
     for a, b, count in side_by_side(both, batches(calib, inputs), pairs):

@@ -130,8 +130,7 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
         return scan
     keep = LayerScan(skipped=list(scan.skipped), weights=scan.weights)
     for layer in scan.layers:
-        hit = next((p for p in patterns if fnmatch.fnmatchcase(layer.name, p)
-                    or fnmatch.fnmatchcase(layer.weight, p)), None)
+        hit = next((p for p in patterns if _matches(layer, p)), None)
         if hit:
             keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"{EXCLUDED} {hit}"))
         else:
@@ -142,8 +141,12 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
 def unmatched(scan: LayerScan, patterns: tuple[str, ...]) -> list[str]:
     """The patterns of ``patterns`` that match no layer name or weight of ``scan`` (a typo,
     most likely), skipped layers included."""
-    names = [n for item in [*scan.layers, *scan.skipped] for n in (item.name, item.weight)]
-    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names if n)]
+    return [p for p in patterns if not any(_matches(item, p) for item in [*scan.layers, *scan.skipped])]
+
+
+def _matches(item, pattern: str) -> bool:
+    """Whether a Layer's or Skipped's name or weight matches an --exclude glob."""
+    return any(n and fnmatch.fnmatchcase(n, pattern) for n in (item.name, item.weight))
 
 
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:

@@ -79,6 +79,12 @@ def external_data_files(path: str) -> list[str]:
     return sorted(files)
 
 
+def _cannot_write(path: str, exc: OSError) -> UserError:
+    """A failed write, named after the user's path rather than the temporary file or folder."""
+    return UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
+                     "check the folder's permissions and the free disk space")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -97,9 +103,8 @@ def write_atomically(path: str, write, binary: bool = False) -> None:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes it 0600; a file written in place would not be
         os.replace(tmp, path)
-    except OSError as exc:   # named after the user's path, not the temporary one
-        raise UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
-                        "check the folder's permissions and the free disk space") from None
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -183,9 +188,8 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
         os.replace(tmp_model, os.path.join(out_dir, name))
         written.insert(0, os.path.join(out_dir, name))
         return written
-    except OSError as exc:   # named after the user's path, not the temporary folder
-        raise UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
-                        "check the folder's permissions and the free disk space") from None
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
