@@ -122,6 +122,8 @@ def detect_kind(source: str) -> str:
 
 # Options that apply to one kind of source only (the others are checked by source_kind).
 RANDOM_ONLY = ("--input-shape",)
+# Image options that apply to one --resize mode only.
+RESIZE_ONLY = {"--crop-fraction": "crop", "--pad-value": "letterbox", "--pad-align": "letterbox"}
 
 
 def source_kind(cfg: CalibConfig) -> str:
@@ -129,7 +131,7 @@ def source_kind(cfg: CalibConfig) -> str:
 
     Raises:
         UserError: an image option with arrays or random tensors, or --input-shape with
-            files, whose shapes are their own.
+            files, whose shapes are their own, or one for another --resize mode.
     """
     kind = detect_kind(cfg.source)
     image = [o for o in cfg.given if o not in RANDOM_ONLY]
@@ -144,6 +146,10 @@ def source_kind(cfg: CalibConfig) -> str:
     if any(o in RANDOM_ONLY for o in cfg.given) and kind != "random":
         raise UserError(f"--calib {cfg.source}: --input-shape sizes the tensors of --calib random, and these "
                         "files have their own shapes; drop --input-shape")
+    for flag, resize in RESIZE_ONLY.items():
+        if flag in cfg.given and cfg.image.resize != resize:
+            raise UserError(f"{flag} applies to --resize {resize} only, and the images are resized by "
+                            f"{cfg.image.resize}; add --resize {resize} or drop {flag}")
     return kind
 
 
@@ -212,6 +218,8 @@ def random_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
     rng = np.random.default_rng(cfg.seed)
     total = random_samples(cfg, inputs)
     shapes = random_shapes(cfg, inputs)
+    check_batch_bytes(cfg, inputs, sum(math.prod(shapes[s.name]) * np.dtype(s.dtype).itemsize for s in inputs),
+                      "give smaller --input-shape sizes")
     step = 16
     for start in range(0, total, step):
         n = min(step, total - start)
@@ -271,6 +279,8 @@ def image_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
     if cfg.pick is not None:          # one sample per file: the others are not decoded
         files = [files[i] for i in cfg.pick if i < len(files)]
     layout, channels, size = _image_geometry(spec, cfg.image)
+    check_batch_bytes(cfg, inputs, channels * size[0] * size[1] * 4,
+                      "give a smaller --size" if cfg.image.size else "the model's input is too large for this machine")
     opts = cfg.image
     integer = not np.issubdtype(spec.dtype, np.floating)
     if opts.scale is None:
@@ -281,6 +291,20 @@ def image_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
             info = np.iinfo(spec.dtype) if spec.dtype != bool else None
             x = np.rint(x) if info is None else np.clip(np.rint(x), info.min, info.max)
         yield {spec.name: x.astype(spec.dtype)}
+
+
+def check_batch_bytes(cfg: CalibConfig, inputs: list[InputSpec], sample_bytes: int, fix: str) -> None:
+    """Refuse samples whose batch alone takes over a quarter of this machine's memory: the
+    model's activations take several times more, and the kernel's OOM killer would end the run
+    with no message."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch = batch_size_for(cfg, inputs)
+    if sample_bytes * batch > memory // 4:
+        if batch > 1 and all(s.fixed_batch is None for s in inputs):
+            fix += ", or a smaller --batch-size"
+        raise UserError(f"--calib {cfg.source}: a batch of {batch} sample{'s' if batch > 1 else ''} takes "
+                        f"{sample_bytes * batch / 2 ** 30:,.1f} GiB, over a quarter of this machine's "
+                        f"{memory / 2 ** 30:,.1f} GiB; {fix}")
 
 
 SOURCES = {"random": random_chunks, "arrays": array_chunks, "images": image_chunks}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -35,18 +36,23 @@ class SamplesOrAll(click.ParamType):
         return n
 
 
-class PositiveFinite(click.ParamType):
-    """A float above 0 and finite (click's FloatRange lets NaN through)."""
+class Finite(click.ParamType):
+    """A finite float (click's float and FloatRange let NaN and inf through), optionally
+    above 0 or other than 0."""
 
     name = "float"
+
+    def __init__(self, positive: bool = False, nonzero: bool = False):
+        self.positive, self.nonzero = positive, nonzero
 
     def convert(self, value, param, ctx):
         try:
             x = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        if not (x > 0 and x < float("inf")):
-            self.fail(f"{value!r} is not a finite number above 0", param, ctx)
+        if not math.isfinite(x) or (self.positive and x <= 0) or (self.nonzero and x == 0):
+            self.fail(f"{value!r} is not a finite number" + (" above 0" if self.positive else
+                                                              " other than 0" if self.nonzero else ""), param, ctx)
         return x
 
 
@@ -88,10 +94,13 @@ def _floats(text: str | None, what: str):
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give comma-separated numbers, e.g. 0.5,0.5,0.5",
-                                 param_hint=what) from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r}: give comma-separated finite numbers, e.g. 0.5,0.5,0.5",
+                                 param_hint=what)
+    return values
 
 
 def _size(text: str | None):
@@ -139,10 +148,10 @@ def calib_options(f):
                      help="stretch (default), letterbox (keep aspect, pad) or crop (short side, centre crop)."),
         click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True),
                      help="For --resize crop: the share of the resized image kept (0.875 = resize 256, crop 224)."),
-        click.option("--pad-value", type=float, help="Letterbox padding in pixel units 0-255 (default 0)."),
+        click.option("--pad-value", type=Finite(), help="Letterbox padding in pixel units 0-255 (default 0)."),
         click.option("--pad-align", type=click.Choice(["center", "topleft"]), help="Letterbox placement (default center)."),
         click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), help="Channel order (default rgb)."),
-        click.option("--scale", "pixel_scale", type=float,
+        click.option("--scale", "pixel_scale", type=Finite(nonzero=True),
                      help="Multiply pixels 0-255 by this (default 1/255; 1 for an integer input)."),
         click.option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406 (default 0)."),
         click.option("--std", help="Per-channel std divided after the mean (default 1)."),
@@ -195,7 +204,7 @@ def cli():
                    "rtn: round to nearest (no calibration needed).")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Column order (default: sensi_des for fastobq, none for gptq; act = GPTQ act-order).")
-@click.option("--damp", type=PositiveFinite(), default=0.01, show_default=True,
+@click.option("--damp", type=Finite(positive=True), default=0.01, show_default=True,
               help="Damping added to the Hessian's diagonal.")
 @click.option("--damp-mode", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True,
               help="relative: damp * mean(diag H) (GPTQ); absolute: damp itself (the paper uses 0.1).")

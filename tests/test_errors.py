@@ -159,6 +159,69 @@ def test_an_option_for_another_kind_of_source(capsys, work, calib, options, name
 
 
 
+
+def image_folder(work, name="imgs"):
+    from PIL import Image
+    (work / name).mkdir()
+    Image.new("RGB", (12, 12), (200, 100, 50)).save(work / name / "a.png")
+    return name
+
+
+@pytest.mark.parametrize("options,names,fix", [
+    (["--std", "nan"], ["--std", "'nan'"], "give comma-separated finite numbers"),
+    (["--mean", "0.5,inf,0.5"], ["--mean", "'0.5,inf,0.5'"], "give comma-separated finite numbers"),
+    (["--scale", "0"], ["--scale", "'0'"], "is not a finite number other than 0"),
+    (["--scale", "nan"], ["--scale", "'nan'"], "is not a finite number other than 0"),
+    (["--resize", "letterbox", "--pad-value", "inf"], ["--pad-value", "'inf'"], "is not a finite number"),
+])
+def test_image_values_that_are_not_finite(capsys, work, options, names, fix):
+    """NaN or inf in the pre-processing would make every calibration sample NaN (the run went on
+    and rounded every layer to nearest), and a scale of 0 every sample 0."""
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", image_folder(work), *options, "-o", "q.onnx"],
+                 names=names, fix=fix)
+
+
+@pytest.mark.parametrize("options,flag,resize,used", [
+    (["--crop-fraction", "0.5"], "--crop-fraction", "crop", "stretch"),
+    (["--resize", "letterbox", "--crop-fraction", "0.5"], "--crop-fraction", "crop", "letterbox"),
+    (["--pad-value", "114"], "--pad-value", "letterbox", "stretch"),
+    (["--preset", "imagenet", "--pad-align", "topleft"], "--pad-align", "letterbox", "crop"),
+])
+def test_an_option_for_another_resize_mode(capsys, work, options, flag, resize, used):
+    """--crop-fraction without crop, or letterbox padding without letterbox, would go unused."""
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", image_folder(work), *options, "-o", "q.onnx"],
+                 names=[flag, f"applies to --resize {resize} only", f"resized by {used}"],
+                 fix=f"add --resize {resize} or drop {flag}")
+
+
+def test_preset_letterbox_takes_the_padding_options(capsys, work):
+    code, out, err = cli(capsys, "quantize", "m.onnx", "--calib", image_folder(work), "--preset", "yolo",
+                         "--pad-value", "0", "--pad-align", "topleft", "-o", "q.onnx", "-q")
+    assert code == 0 and err == "", err
+    assert (work / "q.onnx").exists()
+
+
+def test_qdq_below_opset_13(capsys, work):
+    onnx.save(builders.conv_stack(opset=11), work / "m11.onnx")
+    expect_error(capsys, work, ["quantize", "m11.onnx", "--method", "rtn", "--opset", "12", "-o", "q.onnx"],
+                 names=["--opset 12", "QDQ weights need opset 13"], fix="give --opset 13 or later, or --format fake")
+
+
+@pytest.mark.parametrize("source,options,fix", [
+    ("imgs", ["--size", "100000x100000"], "give a smaller --size, or a smaller --batch-size"),
+    ("random", ["--input-shape", "x=1x3x100000x100000"], "give smaller --input-shape sizes, or a smaller --batch-size"),
+])
+def test_samples_too_large_for_the_machine(capsys, work, source, options, fix):
+    """A batch of over a quarter of the machine's memory is refused before anything is drawn or
+    decoded (the OOM killer ended such a run with no message)."""
+    onnx.save(dynamic_hw_model(), work / "hw.onnx")
+    if source == "imgs":
+        image_folder(work)
+    line = expect_error(capsys, work, ["quantize", "hw.onnx", "--calib", source, *options, "-o", "q.onnx"],
+                        names=[f"--calib {source}", "a batch of 8 samples takes 894.1 GiB",
+                               "over a quarter of this machine's"], fix=fix)
+    assert "GiB; " in line
+
 @pytest.mark.parametrize("method", ["fastobq", "gptq"])
 def test_hessian_method_without_calibration(capsys, work, method):
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", method, "-o", "q.onnx"],

@@ -32,7 +32,7 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.
 
     Raises:
         UserError: the conversion is impossible (--opset below the model's or past what the
-            installed onnx knows, or no adapter).
+            installed onnx knows, or no adapter), or --opset is below what QDQ needs.
     """
     current = model_opset(model)
     target = wanted if wanted is not None else current
@@ -43,6 +43,9 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.
     if wanted is not None and wanted > newest:
         raise UserError(f"--opset {wanted}: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
                         f"give {newest} or less")
+    if fmt == "qdq" and wanted is not None and wanted < QDQ_MIN_OPSET:
+        raise UserError(f"--opset {wanted}: QDQ weights need opset {QDQ_MIN_OPSET} or later (per-channel "
+                        f"DequantizeLinear); give --opset {QDQ_MIN_OPSET} or later, or --format fake")
     if fmt == "qdq":
         target = max(target, QDQ_MIN_OPSET)
     if target == current:
