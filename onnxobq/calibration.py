@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, cannot_read
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -250,6 +250,8 @@ def array_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
             else:
                 with data:
                     arrays = {k: data[k] for k in data.files}
+        except PermissionError as exc:
+            raise cannot_read("--calib", path, exc) from None
         except Exception as exc:
             raise UserError(f"--calib {path}: cannot read it ({type(exc).__name__}); "
                             "give .npy/.npz files saved with numpy (no pickled objects)") from None
@@ -356,6 +358,8 @@ def preprocess_image(path: str, opts: ImageOptions, layout: str, channels: int, 
     try:
         img = Image.open(path)
         img = img.convert("L" if channels == 1 else "RGB")
+    except PermissionError as exc:
+        raise cannot_read("--calib", path, exc) from None
     except Exception as exc:
         raise UserError(f"--calib {path}: cannot decode the image ({type(exc).__name__}); "
                         "remove or replace the file") from None

@@ -19,7 +19,7 @@ import numpy as np
 from .backend import to_numpy
 from .calibration import CalibConfig
 from .capture import Captured
-from .errors import UserError
+from .errors import UserError, cannot_read
 from .graph.io import external_data_files, write_atomically
 from .graph.layers import Layer
 
@@ -72,6 +72,8 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
     not_ours = UserError(f"--hessians {path}: not a Hessian file of this onnxobq version; {again}")
     try:
         npz = np.load(path, allow_pickle=False)
+    except PermissionError as exc:
+        raise cannot_read("--hessians", path, exc) from None
     except (OSError, ValueError, zipfile.BadZipFile):
         raise not_ours from None
     with npz:

@@ -160,6 +160,32 @@ def test_an_option_for_another_kind_of_source(capsys, work, calib, options, name
 
 
 
+@pytest.mark.parametrize("flag,source", [("--calib", "good.npz"), ("--calib", "imgs"), ("--hessians", "h.npz")])
+def test_unreadable_input_file(capsys, work, monkeypatch, flag, source):
+    """A file onnxobq may not read is named with the reason, not taken for a bad format (tests run
+    as root here, where chmod does not stop a read, so the reader is made to fail as it would)."""
+    from PIL import Image
+
+    def denied(real, name):
+        def read(path, *args, **kwargs):
+            if str(path).endswith(name):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return read
+
+    if source == "imgs":
+        image_folder(work)
+        monkeypatch.setattr(Image, "open", denied(Image.open, "a.png"))
+        path = "imgs/a.png"
+    else:
+        (work / "h.npz").write_bytes(b"")
+        monkeypatch.setattr(np, "load", denied(np.load, source))
+        path = source
+    args = ["--calib", "good.npz", "--hessians", "h.npz"] if flag == "--hessians" else ["--calib", source]
+    expect_error(capsys, work, ["quantize", "m.onnx", *args, "-o", "q.onnx"],
+                 names=[f"{flag} {path}", "cannot read it (Permission denied)"],
+                 fix="make it readable or give another file")
+
 def image_folder(work, name="imgs"):
     from PIL import Image
     (work / name).mkdir()
