@@ -421,6 +421,12 @@ def _as_batch(a: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
             or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool)):
         raise UserError(f"--calib {where}: input '{spec.name}' needs {spec.dtype}, got {a.dtype}; "
                         f"save the array as {spec.dtype}")
+    if want_float:
+        bad = np.isnan(a).reshape(a.shape[0], -1).any(axis=1)
+        if bad.any():      # infinities can be meant (attention masks); NaN never is
+            raise UserError(f"--calib {where}: input '{spec.name}' holds NaN in {int(bad.sum())} of its "
+                            f"{a.shape[0]} samples (the first at index {int(bad.argmax())}); "
+                            "replace or drop those samples")
     return a.astype(spec.dtype, copy=False)
 
 

@@ -186,6 +186,25 @@ def test_unreadable_input_file(capsys, work, monkeypatch, flag, source):
                  names=[f"{flag} {path}", "cannot read it (Permission denied)"],
                  fix="make it readable or give another file")
 
+def test_nan_in_calibration_arrays(capsys, work):
+    """NaN samples (was: every layer rounded to nearest, said only in a note that -q hides)."""
+    a = builders.rng(4).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    a[1, 0, 2, 2] = a[3, 2, 0, 0] = np.nan
+    np.savez(work / "nan.npz", x=a)
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "nan.npz", "-o", "q.onnx", "-q"],
+                 names=["--calib nan.npz", "input 'x' holds NaN in 2 of its 5 samples (the first at index 1)"],
+                 fix="replace or drop those samples")
+
+
+def test_infinite_calibration_values_are_fed(capsys, work):
+    """Infinities can be meant (an additive attention mask of -inf): the run goes on."""
+    a = builders.rng(4).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    a[0, 0, 0, 0] = -np.inf
+    np.savez(work / "inf.npz", x=a)
+    code, out, err = cli(capsys, "quantize", "m.onnx", "--calib", "inf.npz", "--no-bn-reestimate", "-o", "q.onnx")
+    assert code == 0, err
+    assert "NaN or Inf in its calibration inputs: rounded to nearest" in out
+
 def image_folder(work, name="imgs"):
     from PIL import Image
     (work / name).mkdir()
