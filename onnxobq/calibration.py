@@ -282,7 +282,7 @@ def image_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
         files = [files[i] for i in cfg.pick if i < len(files)]
     layout, channels, size = _image_geometry(spec, cfg.image)
     check_batch_bytes(cfg, inputs, channels * size[0] * size[1] * 4,
-                      "give a smaller --size" if cfg.image.size else "the model's input is too large for this machine")
+                      "give a smaller --size" if cfg.image.size else "use a machine with more memory")
     opts = cfg.image
     integer = not np.issubdtype(spec.dtype, np.floating)
     if opts.scale is None:
