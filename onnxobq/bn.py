@@ -281,9 +281,10 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: str
                 ref.outputs.append(outputs)
             else:
                 ref.outputs = None   # too big to keep: output_error runs the float model again
-        ref.samples += feed_samples(feed)
+        n = feed_samples(feed)
+        ref.samples += n
         if on_batch:
-            on_batch(feed_samples(feed))
+            on_batch(n)
     return ref
 
 
@@ -301,9 +302,10 @@ def output_error(ref: FloatReference, model, q_model, calib: CalibConfig | Repla
         for n in outs:
             if np.issubdtype(fo[n].dtype, np.floating):
                 with np.errstate(invalid="ignore", over="ignore"):
-                    d = fo[n].astype(np.float64) - qo[n]
+                    f = fo[n].astype(np.float64)
+                    d = f - qo[n]
                     err += float((d * d).sum())
-                    total += float((fo[n].astype(np.float64) ** 2).sum())
+                    total += float((f * f).sum())
         return err, total, feed_samples(feed)
 
     q_sessions = side_sessions(q_model, {}, device, calib, inputs)

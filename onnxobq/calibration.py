@@ -251,7 +251,7 @@ def array_chunks(cfg: CalibConfig, inputs: list[InputSpec]) -> Iterator[dict]:
                 with data:
                     arrays = {k: data[k] for k in data.files}
         except PermissionError as exc:
-            raise cannot_read("--calib", path, exc) from None
+            raise cannot_read(f"--calib {path}", exc) from None
         except Exception as exc:
             raise UserError(f"--calib {path}: cannot read it ({type(exc).__name__}); "
                             "give .npy/.npz files saved with numpy (no pickled objects)") from None
@@ -359,7 +359,7 @@ def preprocess_image(path: str, opts: ImageOptions, layout: str, channels: int, 
         img = Image.open(path)
         img = img.convert("L" if channels == 1 else "RGB")
     except PermissionError as exc:
-        raise cannot_read("--calib", path, exc) from None
+        raise cannot_read(f"--calib {path}", exc) from None
     except Exception as exc:
         raise UserError(f"--calib {path}: cannot decode the image ({type(exc).__name__}); "
                         "remove or replace the file") from None

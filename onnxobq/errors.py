@@ -9,7 +9,18 @@ class UserError(Exception):
     """
 
 
-def cannot_read(flag: str, path, exc: OSError) -> UserError:
-    """The error for a file given with ``flag`` that the operating system would not let us read."""
-    return UserError(f"{flag} {path}: cannot read it ({exc.strerror or type(exc).__name__}); "
-                     "make it readable or give another file")
+
+def cannot_read(what: str, exc: OSError) -> UserError:
+    """The error for a file (``what``: its path, after the option that gave it) that the
+    operating system would not let us read."""
+    return UserError(f"{what}: cannot read it ({_reason(exc)}); make it readable or give another file")
+
+
+def cannot_write(path: str, exc: OSError) -> UserError:
+    """A failed write, named after the user's path rather than the temporary file or folder."""
+    return UserError(f"{path}: cannot write it ({_reason(exc)}); "
+                     "check the folder's permissions and the free disk space")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__

@@ -73,7 +73,7 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
     try:
         npz = np.load(path, allow_pickle=False)
     except PermissionError as exc:
-        raise cannot_read("--hessians", path, exc) from None
+        raise cannot_read(f"--hessians {path}", exc) from None
     except (OSError, ValueError, zipfile.BadZipFile):
         raise not_ours from None
     with npz:

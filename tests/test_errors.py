@@ -186,6 +186,15 @@ def test_unreadable_input_file(capsys, work, monkeypatch, flag, source):
                  names=[f"{flag} {path}", "cannot read it (Permission denied)"],
                  fix="make it readable or give another file")
 
+def test_unreadable_model(capsys, work, monkeypatch):
+    """The model file goes through the same message (as root a chmod does not stop the read)."""
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(onnx, "load", denied)
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx"],
+                 names=["m.onnx: cannot read it (Permission denied)"], fix="make it readable or give another file")
+
 def test_nan_in_calibration_arrays(capsys, work):
     """NaN samples (was: every layer rounded to nearest, said only in a note that -q hides)."""
     a = builders.rng(4).standard_normal((5, 3, 12, 12)).astype(np.float32)

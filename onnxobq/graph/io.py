@@ -8,7 +8,7 @@ import tempfile
 
 import onnx
 
-from ..errors import UserError
+from ..errors import UserError, cannot_read, cannot_write
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -34,10 +34,10 @@ def load_model(path: str) -> onnx.ModelProto:
         raise UserError(f"{path}: is a folder, not a model file; give the path of the .onnx file in it")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file; give the path of an exported .onnx model")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{path}: no permission to read it; give a model file you can read")
     try:
         model = onnx.load(path, load_external_data=False)
+    except PermissionError as exc:
+        raise cannot_read(path, exc) from None
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); "
                         "export the model to ONNX again") from None
@@ -79,12 +79,6 @@ def external_data_files(path: str) -> list[str]:
     return sorted(files)
 
 
-def _cannot_write(path: str, exc: OSError) -> UserError:
-    """A failed write, named after the user's path rather than the temporary file or folder."""
-    return UserError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__}); "
-                     "check the folder's permissions and the free disk space")
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -104,7 +98,7 @@ def write_atomically(path: str, write, binary: bool = False) -> None:
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes it 0600; a file written in place would not be
         os.replace(tmp, path)
     except OSError as exc:
-        raise _cannot_write(path, exc) from None
+        raise cannot_write(path, exc) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,7 +183,7 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
         written.insert(0, os.path.join(out_dir, name))
         return written
     except OSError as exc:
-        raise _cannot_write(path, exc) from None
+        raise cannot_write(path, exc) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
