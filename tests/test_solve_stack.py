@@ -118,3 +118,24 @@ def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkey
             "their seconds are shares of their stack's time")
     assert note in summary_lines(reports[solve.STACK_MAX_COLS])
     assert not any("stacks" in line for line in summary_lines(reports[0]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_reported_errors_match_float64_sums(bits):
+    """The report's float32 errors (solve.REPORT_DTYPE) equal float64 ones to 1e-5, also for a
+    Hessian of rank 8 (8 samples, 64 inputs), where the solved error is a small part of the norm."""
+    from onnxobq.graph.layers import to_matrix
+    from onnxobq.solvers import METHODS, layer_error
+
+    r = np.random.default_rng(5)
+    lay = layer("l", 16, 64)
+    X = r.standard_normal((1, 64, 8)) * r.random((1, 64, 1)) ** 2
+    H = 2 * X @ X.transpose(0, 2, 1) / 8
+    w = (0.1 * r.standard_normal(lay.shape)).astype(np.float32)
+    q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=bits)), np, 8)
+    W = to_matrix(lay, w).astype(np.float64)
+    Q = (to_matrix(lay, q.codes).astype(np.float64) - q.zero[None, :, None]) * q.scale[None, :, None]
+    rtn = METHODS["rtn"].solve(W, None, solve.fit_grid(W, GridSpec(bits=bits), np), xp=np).Q
+    assert s.error < 0.02 * s.rtn_error
+    assert s.error == pytest.approx(layer_error(W, Q, H, np), rel=1e-5)
+    assert s.rtn_error == pytest.approx(layer_error(W, rtn, H, np), rel=1e-5)
