@@ -201,7 +201,7 @@ def _recursive_inverse_cholesky(A, upper: bool, xp):
     return X, ok1 & ok2
 
 
-def damped_inverse_cholesky(H, damp: Damping, xp, upper: bool = False):
+def damped_inverse_cholesky(H, damp: Damping, xp, upper: bool = False, overwrite: bool = False):
     """Damp H and take inverse_cholesky (``upper`` as there), raising damping where the
     factorisation fails.
 
@@ -210,31 +210,31 @@ def damped_inverse_cholesky(H, damp: Damping, xp, upper: bool = False):
         damp: the damping rule.
         xp: numpy or cupy.
         upper: the upper factor U of (H + lam I)^-1 instead of L^-1.
+        overwrite: H is a scratch copy to damp in place (its diagonal is left raised by the
+            last damping tried), which saves a full-size copy (default False: H is kept).
 
     Returns:
         (X, lam, ok): the inverse factors of H + lam I (G, C, C) (identity where every try
         failed), the damping value used per group (G,) and success per group (G,).
     """
-    G = H.shape[0]
-    diag = xp.diagonal(H, axis1=-2, axis2=-1)
+    G, C = H.shape[:2]
+    diag = xp.diagonal(H, axis1=-2, axis2=-1).copy()
     base = damp.value * diag.mean(axis=-1) if damp.relative else xp.full((G,), damp.value, dtype=H.dtype)
-    X, ok = inverse_cholesky(damped(H, base, xp), xp, upper)     # the identity where it failed
+    A, d = (H if overwrite else H.copy()), xp.arange(C)
+    A[:, d, d] = diag + base[:, None]
+    X, ok = inverse_cholesky(A, xp, upper)     # the identity where it failed
     lam = xp.where(ok, base, xp.nan)
     for attempt in range(1, damp.retries + 1):
         if bool(ok.all()):
             break
         step = base * 10.0 ** attempt
-        new, good = inverse_cholesky(damped(H, step, xp), xp, upper)
+        A[:, d, d] = diag + step[:, None]
+        new, good = inverse_cholesky(A, xp, upper)
         good &= ~ok
         X = xp.where(good[:, None, None], new, X)
         lam = xp.where(good, step, lam)
         ok |= good
     return X, lam, ok
-
-
-def damped(H, lam, xp):
-    """H + lam I for a stack (G, C, C) and one lam per group (G,); NaN lam leaves H as it is."""
-    return add_to_diagonal(H, xp.nan_to_num(lam)[:, None], xp)
 
 
 def add_to_diagonal(H, v, xp):
@@ -255,6 +255,14 @@ def inverse_hessian(H, damp: Damping, xp):
     Linv, lam, ok = damped_inverse_cholesky(H, damp, xp)
     Hinv = xp.swapaxes(Linv, -1, -2) @ Linv           # H^-1 = L^-T L^-1
     return Hinv, lam, ok
+
+
+def damped_inverse_diagonal(H, damp: Damping, xp):
+    """diag((H + lam I)^-1) (G, C), lam as damped_inverse_cholesky settles it. The inverse
+    factor behind it is freed on return: a large layer's solve need not hold it beside the
+    factor its sweep uses."""
+    Linv, _, _ = damped_inverse_cholesky(H, damp, xp)
+    return inverse_diagonal(Linv, xp)
 
 
 def inverse_diagonal(Linv, xp):
@@ -279,14 +287,15 @@ def upper_inverse_factor(A, xp):
     return U, ok
 
 
-def damped_upper_inverse_factor(H, damp: Damping, xp):
+def damped_upper_inverse_factor(H, damp: Damping, xp, overwrite: bool = False):
     """upper_inverse_factor of H + lam I, with lam raised where the factorisation fails.
-    This is the one the sweep uses; upper_inverse_factor is it with no damping.
+    This is the one the sweep uses; upper_inverse_factor is it with no damping. ``overwrite``
+    as for damped_inverse_cholesky.
 
     Returns:
         (U, lam, ok) as :func:`damped_inverse_cholesky`: U is the identity where every try failed.
     """
-    return damped_inverse_cholesky(H, damp, xp, upper=True)
+    return damped_inverse_cholesky(H, damp, xp, upper=True, overwrite=overwrite)
 
 
 def _reversed(A, xp):
@@ -304,9 +313,12 @@ def fix_dead_columns(H, xp):
     columns cost 20 dB of output SQNR on held-out images at 8 bits).
 
     Returns:
-        A new H; the input is not modified.
+        H itself where no column is dead (a large layer's solve then holds one copy fewer),
+        else a new H; the input is not modified.
     """
     dead = xp.diagonal(H, axis1=-2, axis2=-1) == 0                      # (G, C)
+    if not bool(dead.any()):
+        return H
     return add_to_diagonal(H, dead.astype(H.dtype), xp)                  # 0 + 1 on dead diagonals
 
 
@@ -342,6 +354,7 @@ def permute_columns(A, perm, xp):
 
 
 def permute_square(M, perm, xp):
-    """M[g][perm[g]][:, perm[g]] for each group; M is (G, C, C)."""
+    """M[g][perm[g]][:, perm[g]] for each group; M is (G, C, C). Always a new array (the sweep
+    damps it in place)."""
     M = xp.take_along_axis(M, perm[:, :, None], axis=1)
     return xp.take_along_axis(M, perm[:, None, :], axis=2)

@@ -28,8 +28,8 @@ import numpy as np
 from ..backend import is_cupy, to_numpy
 from . import cuda_sweep
 from ..quant import quantize, dequantize
-from .common import (Damping, Result, damped_inverse_cholesky, damped_upper_inverse_factor, fix_dead_columns,
-                     inverse_diagonal, permute_columns, permute_square)
+from .common import (Damping, Result, damped_inverse_diagonal, damped_upper_inverse_factor, fix_dead_columns,
+                     permute_columns, permute_square)
 from .orders import argsort_stable, column_order, uses_inverse_diagonal
 from .registry import register
 
@@ -113,14 +113,14 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     H = fix_dead_columns(H, xp)
     s, z = grid.scale[:, :, None], grid.zero[:, :, None]
     Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
-    hinv_diag = None
-    if uses_inverse_diagonal(order):
-        Linv, _, _ = damped_inverse_cholesky(H, damp, xp)
-        hinv_diag = inverse_diagonal(Linv, xp)
+    hinv_diag = damped_inverse_diagonal(H, damp, xp) if uses_inverse_diagonal(order) else None
     perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
     # The damping is settled on the factorisation the sweep uses: positive definiteness does
-    # not depend on the order, and the other orders then factor H only once.
-    U, lam, ok = damped_upper_inverse_factor(permute_square(H, perm, xp), damp, xp)
+    # not depend on the order, and the other orders then factor H only once. It damps the
+    # permuted copy in place: beside H, the solve of a 1,024 x 4,096 float64 layer then peaked
+    # at 3.5 arrays of H's size (tracemalloc), against 6.5 when the factor behind hinv_diag was
+    # still held, H copied for its dead columns and the permuted copy again for its damping.
+    U, lam, ok = damped_upper_inverse_factor(permute_square(H, perm, xp), damp, xp, overwrite=True)
     sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, block, xp) else blocked_sweep
     codes = sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero, grid.qmin, grid.qmax, block, xp)
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation
