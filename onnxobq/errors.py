@@ -9,7 +9,6 @@ class UserError(Exception):
     """
 
 
-
 def cannot_read(what: str, exc: OSError) -> UserError:
     """The error for a file (``what``: its path, after the option that gave it) that the
     operating system would not let us read."""

@@ -181,12 +181,11 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
                            block=cfg.block, damp=cfg.damp, xp=xp)
     synchronize(xp)
     seconds = time.perf_counter() - start
-    if Hw is not None:       # the report's errors, in float32 (see REPORT_DTYPE)
+    if Hw is not None:       # the report's errors, in float32 (see REPORT_DTYPE), H cast once
         H32 = Hw.astype(REPORT_DTYPE, copy=False)
-        den = weighted_norms(W.astype(REPORT_DTYPE, copy=False), H32, xp)
-        num = weighted_norms((W - res.Q).astype(REPORT_DTYPE, copy=False), H32, xp)
-        rtn_num = weighted_norms((W - METHODS["rtn"].solve(W, None, grid, xp=xp).Q).astype(REPORT_DTYPE, copy=False),
-                                 H32, xp)
+        norms = lambda D: weighted_norms(D.astype(REPORT_DTYPE, copy=False), H32, xp)  # noqa: E731
+        den, num = norms(W), norms(W - res.Q)
+        rtn_num = norms(W - METHODS["rtn"].solve(W, None, grid, xp=xp).Q)
     codes, scale, zero = to_numpy(res.codes), to_numpy(res.scale), to_numpy(res.zero)
     out, g0, total = [], 0, W.shape[0]
     for layer, n_rows in zip(layers, rows):
