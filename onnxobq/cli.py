@@ -327,11 +327,11 @@ def _check_clashes(written: dict, read: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def inspect(model, as_json):
     """List the layers onnxobq would quantize, and those it would leave in float."""
-    scan = pipeline.inspect_model(model)
+    scan, notes = pipeline.inspect_model(model)
     if as_json:
         from dataclasses import asdict
         click.echo(json.dumps({"layers": [asdict(l) for l in scan.layers],
-                               "skipped": [asdict(s) for s in scan.skipped]}, indent=2, default=str))
+                               "skipped": [asdict(s) for s in scan.skipped], "notes": notes}, indent=2, default=str))
         return
     rows = [("layer", "op", "weight shape", "d_row x d_col", "groups", "weight lives in")]
     for l in scan.layers:
@@ -348,6 +348,8 @@ def inspect(model, as_json):
                + f"), {params:,} weights; {len(scan.skipped)} left in float")
     for s in scan.skipped:
         click.echo(f"skipped: {s.name} ({s.op}): {s.reason}")
+    for note in notes:
+        click.echo(f"note: {note}")
 
 
 @cli.command()

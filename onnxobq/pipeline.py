@@ -8,8 +8,6 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 
-import onnx_graphsurgeon as gs
-
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
 from .capture import Captured, capture_hessians
@@ -18,7 +16,7 @@ from .config import QuantizeConfig
 from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
 from .hessians import load as load_hessians, save as save_hessians
-from .graph import check_output_path, load_model, save_model, scan_layers, stored_externally
+from .graph import check_output_path, load_model, save_model, scan_folded, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
 from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
@@ -39,9 +37,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     stages: dict[str, float] = {}
     with _stage(stages, "load"):
         check_output_path(cfg.model, cfg.output)
-        model = prepare_opset(load_model(cfg.model), cfg.format, cfg.opset)
+        model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset))
         external = stored_externally(cfg.model)
-        found = scan_layers(gs.import_onnx(model))
         scan = exclude(found, cfg.exclude)
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
@@ -83,8 +80,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        storage=_storage(cfg, opset),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                       notes=[f"--exclude {p} matched no layer (onnxobq inspect lists their names)"
-                              for p in unmatched(found, cfg.exclude)])
+                       notes=fold_notes + [f"--exclude {p} matched no layer (onnxobq inspect lists their names)"
+                                           for p in unmatched(found, cfg.exclude)])
     if cfg.report:
         try:
             write_json(report, cfg.report)
@@ -226,9 +223,11 @@ def _bn_summary(outcome: BNOutcome, cfg: QuantizeConfig) -> dict:
             "notes": outcome.notes}
 
 
-def inspect_model(path: str) -> LayerScan:
-    """Load a model and list its quantizable and skipped layers."""
-    return scan_layers(gs.import_onnx(load_model(path)))
+def inspect_model(path: str) -> tuple[LayerScan, list[str]]:
+    """Load a model and list its quantizable and skipped layers, as quantize would find them
+    (weights that constants compute folded), with the fold's notes."""
+    _, scan, notes = scan_folded(load_model(path))
+    return scan, notes
 
 
 def compare(float_path: str, quant_path: str, calib, device: str = "cpu",

@@ -194,6 +194,51 @@ def test_inspect_lists_layers_and_totals(capsys, stack):
     assert [l["name"] for l in json.loads(out)["layers"]] == ["conv1", "dw", "grouped", "fc"]
 
 
+def computed_weights():
+    """conv_stack with conv1's weight stored as float16 behind a Cast and fc's stored transposed
+    behind a Transpose, the way some exports compute weights from constants; and the plain
+    conv_stack holding the very values those compute."""
+    from onnx import TensorProto, helper, numpy_helper
+    plain, computed = builders.conv_stack(), builders.conv_stack()
+    w1 = numpy_helper.to_array(next(t for t in plain.graph.initializer if t.name == "w1")).astype(np.float16)
+    next(t for t in plain.graph.initializer if t.name == "w1").CopyFrom(numpy_helper.from_array(w1.astype(np.float32), "w1"))
+    for t in list(computed.graph.initializer):
+        if t.name == "w1":
+            t.CopyFrom(numpy_helper.from_array(w1, "w1_16"))
+        elif t.name == "wg":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).T.copy(), "wg_t"))
+    computed.graph.node.insert(0, helper.make_node("Cast", ["w1_16"], ["w1"], to=TensorProto.FLOAT, name="cast"))
+    computed.graph.node.insert(1, helper.make_node("Transpose", ["wg_t"], ["wg"], perm=[1, 0], name="t"))
+    return computed, plain
+
+
+def test_weights_computed_from_constants_are_quantized_as_the_plain_weights(capsys, stack):
+    """Folded into initializers first: the run and its model equal those of the same weights stored plainly."""
+    _, calib, x = stack
+    tmp = calib.parent
+    computed, plain = computed_weights()
+    onnx.save(computed, tmp / "computed.onnx")
+    onnx.save(plain, tmp / "plain.onnx")
+    code, out, _ = cli(capsys, "inspect", tmp / "computed.onnx")
+    assert code == 0 and "folded Cast" in out and "folded Transpose" in out and "0 left in float" in out
+    note = "folded the constant subgraphs that compute 2 weights into initializers (Cast 1, Transpose 1)"
+    assert f"note: {note}" in out.splitlines()
+    reports = {}
+    for name in ("computed", "plain"):
+        code, out, err = cli(capsys, "quantize", tmp / f"{name}.onnx", "--bits", 4, "--calib", calib,
+                             "-o", tmp / f"q_{name}.onnx", "--report", tmp / f"{name}.json")
+        assert code == 0, err
+        assert (f"note: {note}" in out.splitlines()) == (name == "computed")
+        reports[name] = json.loads((tmp / f"{name}.json").read_text())
+    assert reports["computed"]["notes"] == [note] and reports["plain"]["notes"] == []
+    errors = {name: [l["error"] for l in r["layers"]] for name, r in reports.items()}
+    assert errors["computed"] == errors["plain"]
+    q = onnx.load(tmp / "q_computed.onnx")
+    assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 4
+    assert not any(n.op_type in ("Cast", "Transpose") for n in q.graph.node)
+    np.testing.assert_array_equal(outputs(tmp / "q_computed.onnx", x)[0], outputs(tmp / "q_plain.onnx", x)[0])
+
+
 def test_compare_reports_agreement(capsys, stack):
     model, calib, _ = stack
     code, out, err = cli(capsys, "compare", model, model, "--calib", calib, "--json")

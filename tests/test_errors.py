@@ -51,7 +51,8 @@ def expect_error(capsys, folder, args, names, fix):
 
 
 def matmul_model(weight="initializer"):
-    """x(N,4) @ W(4,3) -> y, with W an initializer, a graph input, or computed by a Transpose."""
+    """x(N,4) @ W(4,3) -> y, with W an initializer, a graph input, or computed by a Transpose of a
+    graph input (a Transpose of a constant would be folded)."""
     w = builders.rng(1).standard_normal((4, 3)).astype(np.float32)
     inputs, inits, nodes = [builders.fvi("x", [None, 4])], [], []
     if weight == "initializer":
@@ -59,7 +60,7 @@ def matmul_model(weight="initializer"):
     elif weight == "input":
         inputs.append(builders.fvi("w", [4, 3]))
     else:
-        inits = [numpy_helper.from_array(w.T.copy(), "wt")]
+        inputs.append(builders.fvi("wt", [3, 4]))
         nodes.append(helper.make_node("Transpose", ["wt"], ["w"], name="t", perm=[1, 0]))
     nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"))
     return builders.make_model(nodes, inputs, [builders.fvi("y", [None, 3])], inits)

@@ -472,7 +472,7 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
             continue
         if layers is None and METHODS[entry.method][0] == "obq":
             from onnxobq.pipeline import inspect_model
-            layers = inspect_model(str(model)).layers
+            layers = inspect_model(str(model))[0].layers
         record = run_entry(case, model, data, entry, cfg, env, case_dir, layers, cache)
         write_json(record, path)
         records.append(record)
