@@ -36,6 +36,22 @@ class SamplesOrAll(click.ParamType):
         return n
 
 
+class GlobBits(click.ParamType):
+    """GLOB=BITS: a layer-name glob and a bit width of 2 to 8, as (glob, bits)."""
+
+    name = "GLOB=BITS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        glob, sep, bits = str(value).rpartition("=")
+        if not sep or not glob:
+            self.fail(f"{value!r}: give GLOB=BITS, e.g. 'conv1=8'", param, ctx)
+        if not bits.strip().isdigit() or not 2 <= int(bits) <= 8:
+            self.fail(f"{value!r}: the bit width must be a whole number from 2 to 8", param, ctx)
+        return glob, int(bits)
+
+
 class Finite(click.ParamType):
     """A finite float (click's float and FloatRange let NaN and inf through), optionally
     above 0 or other than 0."""
@@ -235,6 +251,9 @@ def cli():
               help="Run the BN passes on N calibration samples at even steps through them (whole batches where "
                    "the model fixes one), or on all of them.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
+@click.option("--layer-bits", multiple=True, type=GlobBits(),
+              help="Give layers whose name or weight matches GLOB this bit width instead of --bits, e.g. "
+                   "'conv1=8'. Repeatable; the first match wins.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where Hessians and solver run: auto uses CuPy on a GPU when present.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -247,7 +266,8 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, device, precision,
+             scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, layer_bits,
+             device, precision,
              report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
@@ -273,7 +293,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
                      samples=bn_samples),
-        device=device, exclude=tuple(exclude), report=report_path,
+        device=device, exclude=tuple(exclude), layer_bits=tuple(layer_bits), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians)
     report = pipeline.run(cfg, BarProgress(not quiet))
     if not quiet:

@@ -85,6 +85,8 @@ class QuantizeConfig:
         bn: BatchNorm re-estimation.
         device: "auto", "cpu" or "cuda" for the Hessians and the solver.
         exclude: glob patterns of layer names to leave in float.
+        layer_bits: (glob, bits) pairs: layers whose name or weight matches a glob get that bit
+            width instead of ``solve.grid.bits``; the first matching pair wins.
         report: write the JSON report here (None: no file).
         hessians: read the Hessians from this file (written by ``save_hessians``) instead
             of capturing them; ``calib`` is then needed only for BN re-estimation.
@@ -100,6 +102,7 @@ class QuantizeConfig:
     bn: BNConfig = field(default_factory=BNConfig)
     device: str = "auto"
     exclude: tuple[str, ...] = ()
+    layer_bits: tuple[tuple[str, int], ...] = ()
     report: str | None = None
     hessians: str | None = None
     save_hessians: str | None = None

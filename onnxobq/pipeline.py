@@ -6,7 +6,7 @@ import os
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from .backend import array_module, device_name, is_cupy
 from .bn import BNOutcome, reestimate
@@ -77,11 +77,13 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         written = save_model(out, cfg.output, external=True if external else None)
     report = RunReport(settings=_settings(cfg, opset), layers=stats, skipped=scan.skipped,
                        stages=stages, samples=samples, device=device_name(xp),
-                       storage=_storage(cfg, opset),
+                       storage=_storage(cfg, opset, [q.bits for q in qlayers]),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                       notes=fold_notes + [f"--exclude {p} matched no layer (onnxobq inspect lists their names)"
-                                           for p in unmatched(found, cfg.exclude)])
+                       notes=fold_notes + [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
+                                           for option, patterns in (("--exclude", cfg.exclude),
+                                                                    ("--layer-bits", [g for g, _ in cfg.layer_bits]))
+                                           for p in unmatched(found, patterns)])
     if cfg.report:
         try:
             write_json(report, cfg.report)
@@ -98,14 +100,16 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
     layers, hessians = scan.layers, captured.hessians
     uses = Counter(layer.hessian_key for layer in layers)
     itemsize = xp.dtype(working_dtype(cfg.solve.precision, xp)).itemsize
+    bits = [bit_width(layer, cfg) for layer in layers]
     plan = plan_stacks(layers, [hessians.get(l.hessian_key) is not None for l in layers], itemsize,
-                       stack_budget(xp))
+                       stack_budget(xp), bits)
     results = [None] * len(layers)
     progress.start("layers", len(layers))
     for stack in plan:
         members = [layers[i] for i in stack]
+        solve_cfg = replace(cfg.solve, grid=replace(cfg.solve.grid, bits=bits[stack[0]]))
         solved = solve_stack(members, [scan.weights[l.name] for l in members],
-                             [hessians.get(l.hessian_key) for l in members], cfg.solve, xp,
+                             [hessians.get(l.hessian_key) for l in members], solve_cfg, xp,
                              [captured.rows.get(l.hessian_key) for l in members])
         for i, result in zip(stack, solved):
             results[i] = result
@@ -116,6 +120,11 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
         progress.advance(len(stack))
     progress.finish()
     return [q for q, _ in results], [s for _, s in results]
+
+
+def bit_width(layer, cfg: QuantizeConfig) -> int:
+    """The layer's bit width: that of the first --layer-bits glob matching its name or weight, else --bits."""
+    return next((b for glob, b in cfg.layer_bits if _matches(layer, glob)), cfg.solve.grid.bits)
 
 
 EXCLUDED = "excluded by --exclude"      # the reason given for a layer that --exclude leaves in float
@@ -189,16 +198,21 @@ def _stage(stages: dict, name: str):
         stages[name] = time.perf_counter() - start
 
 
-def _storage(cfg: QuantizeConfig, opset: int) -> str:
-    """How the weights are stored, in words for the summary."""
-    bits = cfg.solve.grid.bits
-    if cfg.format == "fake":
-        return f"float weights on a {bits}-bit grid"
-    kind = storage_type(bits, cfg.solve.grid.symmetric, opset)
-    text = f"{kind} weights holding {bits}-bit codes"
-    if bits <= 4 and kind.endswith("8"):
-        text += "; --opset 21 stores them as 4-bit"
-    return text
+def _storage(cfg: QuantizeConfig, opset: int, bits: list[int]) -> str:
+    """How the weights are stored, in words for the summary; with the layer counts where
+    --layer-bits gave layers other widths."""
+    counts = sorted(Counter(bits or [cfg.solve.grid.bits]).items())
+    parts, small_in_8 = [], False
+    for b, n in counts:
+        count = f" ({n} layer{'s' * (n > 1)})" if len(counts) > 1 else ""
+        if cfg.format == "fake":
+            parts.append(f"float weights on a {b}-bit grid{count}")
+            continue
+        kind = storage_type(b, cfg.solve.grid.symmetric, opset)
+        parts.append(f"{kind} weights holding {b}-bit codes{count}")
+        small_in_8 |= b <= 4 and kind.endswith("8")
+    which = "them" if len(counts) == 1 else "those of 4 bits and below"
+    return ", ".join(parts) + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
 
 
 def _gpu_peak(xp) -> float | None:

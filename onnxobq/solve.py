@@ -110,17 +110,18 @@ def stack_budget(xp) -> int:
     return STACK_MAX_BYTES if is_cupy(xp) else 0
 
 
-def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int) -> list[list[int]]:
+def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int,
+                bits: list[int] | None = None) -> list[list[int]]:
     """Group layer indices into stacks to solve together, each in graph order.
 
-    Layers join the open stack of their (rows, cols, has_hessian) while the stack's weights
-    and Hessians fit in ``max_bytes``; layers wider than STACK_MAX_COLS stay alone.
+    Layers join the open stack of their (rows, cols, has_hessian, bits) while the stack's
+    weights and Hessians fit in ``max_bytes``; layers wider than STACK_MAX_COLS stay alone.
     """
     stacks: list[list[int]] = []
     open_stack: dict[tuple, tuple[list[int], int]] = {}
     for i, (layer, has_h) in enumerate(zip(layers, has_hessian)):
         size = layer.groups * (layer.rows + layer.cols) * layer.cols * itemsize
-        key = (layer.rows, layer.cols, has_h)
+        key = (layer.rows, layer.cols, has_h, None if bits is None else bits[i])
         members, used = open_stack.get(key, (None, 0))
         if layer.cols > STACK_MAX_COLS or members is None or used + size > max_bytes:
             members, used = [], 0

@@ -178,6 +178,50 @@ def test_an_exclude_pattern_that_matches_nothing_is_noted(capsys, stack):
     assert "skipped: conv1 (Conv): excluded by --exclude w1" in out
 
 
+def fake_weights(path):
+    """The float weights of a --format fake model, by tensor name (initializers and Constant nodes)."""
+    g = onnx.load(path).graph
+    return {**{t.name: onnx.numpy_helper.to_array(t) for t in g.initializer},
+            **{n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"}}
+
+
+def test_layer_bits_give_matching_layers_their_own_width(capsys, stack):
+    """Each layer's weights equal those of a run at its bit width for every layer (its Hessian
+    does not depend on the other layers' widths): conv1 at 8, fc at 6, the rest at --bits 4."""
+    model, calib, _ = stack
+    tmp = model.parent
+    common = ["--calib", calib, "--format", "fake", "--no-bn-reestimate"]
+    for bits in (4, 6, 8):
+        code, _, err = cli(capsys, "quantize", model, "--bits", bits, *common, "-o", tmp / f"u{bits}.onnx", "-q")
+        assert code == 0, err
+    code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--layer-bits", "conv1=8", "--layer-bits", "f*=6",
+                         "--layer-bits", "fc=3", "--layer-bits", "head*=8", *common, "-o", tmp / "mixed.onnx",
+                         "--report", tmp / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp / "r.json").read_text())
+    assert [(l["name"], l["bits"]) for l in report["layers"]] == [("conv1", 8), ("dw", 4), ("grouped", 4), ("fc", 6)]
+    assert report["settings"]["layer_bits"] == [["conv1", 8], ["f*", 6], ["fc", 3], ["head*", 8]]
+    assert report["notes"] == ["--layer-bits head* matched no layer (onnxobq inspect lists their names)"]
+    assert report["storage"] == ("float weights on a 4-bit grid (2 layers), float weights on a 6-bit grid (1 layer), "
+                                 "float weights on a 8-bit grid (1 layer)")
+    mixed, uniform = fake_weights(tmp / "mixed.onnx"), {b: fake_weights(tmp / f"u{b}.onnx") for b in (4, 6, 8)}
+    for name, bits in (("w1", 8), ("w2", 4), ("w3", 4), ("wg", 6)):
+        np.testing.assert_array_equal(mixed[name], uniform[bits][name])
+        assert not np.array_equal(mixed[name], uniform[4 if bits != 4 else 8][name])
+
+
+def test_layer_bits_in_qdq_store_each_width_in_its_type(capsys, stack):
+    model, calib, _ = stack
+    code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--layer-bits", "conv1=8", "--calib", calib,
+                         "--opset", 21, "-o", model.parent / "q.onnx")
+    assert code == 0, err
+    q = onnx.load(model.parent / "q.onnx")
+    types = {t.name: t.data_type for t in dq_initializers(q)}
+    assert sorted(types.values()) == sorted([onnx.TensorProto.INT4] * 3 + [onnx.TensorProto.INT8])
+    assert ("wrote " + str(model.parent / "q.onnx") + " (INT4 weights holding 4-bit codes (3 layers), "
+            "INT8 weights holding 8-bit codes (1 layer))") in out.splitlines()
+
+
 def test_no_command_prints_the_help(capsys):
     code, out, err = cli(capsys)
     assert (code, err) == (0, "")

@@ -35,6 +35,12 @@ def test_plan_stacks_groups_equal_shapes_within_the_limits():
     assert plan_stacks(layers, has_h, 4, 0) == [[i] for i in range(len(layers))]
 
 
+def test_plan_stacks_keeps_layers_of_other_bit_widths_apart():
+    layers = [layer(n, 4, 8) for n in "abcd"]
+    assert plan_stacks(layers, [True] * 4, 4, 1 << 20) == [[0, 1, 2, 3]]
+    assert plan_stacks(layers, [True] * 4, 4, 1 << 20, [4, 8, 4, 8]) == [[0, 2], [1, 3]]
+
+
 def test_only_a_gpu_stacks():
     assert solve.stack_budget(np) == 0
 
