@@ -116,7 +116,8 @@ class BNOutcome:
 
 def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode]:
     """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows."""
-    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv"}
+    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not q.layer.uses}  # a shared weight
+    # cannot take in the BN of one of its uses
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:
@@ -443,7 +444,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     bns = find_bn_nodes(graph, qlayers)
     after_bn = {bn.input for bn in bns}
     targets = {q.layer.output: np.dtype(q.layer.dtype) for q in qlayers
-               if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn}
+               if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn and not q.layer.uses}
     outcome = BNOutcome(qlayers=qlayers)
     if not bns and not targets:
         outcome.notes.append("no BatchNormalization nodes and no Convs to correct")
@@ -472,5 +473,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)
     outcome.kept = outcome.error_after < KEEP_RATIO * outcome.error_before
     outcome.reestimated, outcome.folded, outcome.corrected = len(bns), folded, len(targets)
-    outcome.notes, outcome.qlayers, outcome.edits = notes, current, edits
+    shared = [f"{q.layer.name}: neither corrected nor given a BN fold (its weight is shared by "
+              f"{len(q.layer.uses) + 1} nodes)" for q in qlayers if q.layer.op == "Conv" and q.layer.uses]
+    outcome.notes, outcome.qlayers, outcome.edits = shared + notes, current, edits
     return outcome

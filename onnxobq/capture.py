@@ -801,7 +801,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     inputs = model_inputs(model)
     first = {}
     for layer in layers:
-        first.setdefault(layer.hessian_key, layer)
+        for use in layer.each_use():         # a shared weight's uses, each with its own input
+            first.setdefault(use.hessian_key, use)
     dtypes = layer_input_outputs(model, list(first.values()))
     # One session: on the 2-core machine two side by side (see session_workers) cut the wait for
     # the detector's forward passes (256 images) by 1.6 and 1.9 s, but its products took 4.9
@@ -837,5 +838,23 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
-    return Captured({key: s.hessian(xp, product) for key, s in sums.items()},
-                    {key: s.count for key, s in sums.items()}, samples, waited)
+    hessians = {key: s.hessian(xp, product) for key, s in sums.items()}
+    rows = {key: s.count for key, s in sums.items()}
+    merge_uses(layers, hessians, rows)
+    return Captured(hessians, rows, samples, waited)
+
+
+def merge_uses(layers: list[Layer], hessians: dict, rows: dict) -> None:
+    """Give each layer with shared uses the Hessian of all of them, in place: the sum of their
+    X^T X over the sum of their rows, H = sum_u N_u H_u / sum_u N_u, under its own key. The
+    uses' own Hessians are dropped where no other layer has their key."""
+    wanted = {layer.hessian_key for layer in layers}
+    merged = [layer for layer in layers if layer.uses]
+    for layer in merged:
+        keys = [use.hessian_key for use in layer.each_use()]
+        total = sum(rows[k] for k in keys)
+        H = sum(hessians[k] * (rows[k] / max(total, 1)) for k in keys)
+        hessians[layer.hessian_key], rows[layer.hessian_key] = H, total
+    for key in {use.hessian_key for layer in merged for use in layer.each_use()} - wanted:
+        hessians.pop(key, None)
+        rows.pop(key, None)

@@ -99,6 +99,33 @@ def bn_net(seed=0, calib=None, opset=13) -> onnx.ModelProto:
     return build()
 
 
+def shared_head(seed=0) -> onnx.ModelProto:
+    """A two-level pyramid with one head conv shared by both levels (RetinaNet-style):
+    x(N,3,12,12) -> Conv (w0) -> p3 (N,4,12,12) -> Conv s2 (w1) -> p4 (N,4,6,6); the head
+    Conv (wh, bias bh) on p3 -> BN -> y3 and on p4 -> y4; and a Conv of the head's geometry with
+    its own weight (wo) on p3 -> z."""
+    r = rng(seed)
+    weights = {"w0": (r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32),
+               "w1": (r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32),
+               "wh": (r.standard_normal((5, 4, 3, 3)) * 0.3).astype(np.float32),
+               "bh": (r.standard_normal(5) * 0.1).astype(np.float32),
+               "wo": (r.standard_normal((5, 4, 3, 3)) * 0.3).astype(np.float32),
+               "bn_s": (1 + 0.2 * r.standard_normal(5)).astype(np.float32),
+               "bn_b": (0.1 * r.standard_normal(5)).astype(np.float32),
+               "bn_m": (0.1 * r.standard_normal(5)).astype(np.float32),
+               "bn_v": (1 + 0.2 * r.random(5)).astype(np.float32)}
+    pad = dict(pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["p3"], name="stem", **pad),
+             helper.make_node("Conv", ["p3", "w1"], ["p4"], name="down", strides=[2, 2], **pad),
+             helper.make_node("Conv", ["p3", "wh", "bh"], ["h3"], name="head_p3", **pad),
+             helper.make_node("BatchNormalization", ["h3", "bn_s", "bn_b", "bn_m", "bn_v"], ["y3"], name="bn"),
+             helper.make_node("Conv", ["p4", "wh", "bh"], ["y4"], name="head_p4", **pad),
+             helper.make_node("Conv", ["p3", "wo"], ["z"], name="other", **pad)]
+    return make_model(nodes, [fvi("x", [None, 3, 12, 12])],
+                      [fvi("y3", [None, 5, 12, 12]), fvi("y4", [None, 5, 6, 6]), fvi("z", [None, 5, 12, 12])],
+                      [numpy_helper.from_array(v, k) for k, v in weights.items()])
+
+
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     import onnxruntime as ort
     from onnxobq.capture import session_options

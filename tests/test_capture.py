@@ -113,6 +113,31 @@ def test_capture_normalises_and_batches_like_one_big_sum(tmp_path):
         np.testing.assert_allclose(H[first.hessian_key], 2 * expect / count, rtol=1e-4, atol=1e-5)
 
 
+def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
+    """H = 2 (X3 X3^T + X4 X4^T) / (N3 + N4) over both pyramid levels' patches; the conv of the
+    same geometry on one level keeps that level's own Hessian."""
+    import onnx
+    model = builders.shared_head()
+    scan = scan_layers(gs.import_onnx(model))
+    head = next(l for l in scan.layers if l.name == "head_p3")
+    other = next(l for l in scan.layers if l.name == "other")
+    assert [l.name for l in scan.layers] == ["stem", "down", "head_p3", "other"] and not scan.skipped
+    assert head.uses == (("p4", "y4"),) and head.source == "initializer, shared by 2 nodes"
+    x = np.random.default_rng(4).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    got = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), np)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([builders.fvi("p3", None), builders.fvi("p4", None)])
+    p3, p4 = builders.run(probe, {"x": x})[3:]
+    s3, s4 = brute_force_conv_hessian(p3, head), brute_force_conv_hessian(p4, head)
+    n3, n4 = 3 * 12 * 12, 3 * 6 * 6
+    assert got.rows[head.hessian_key] == n3 + n4 and got.rows[other.hessian_key] == n3
+    np.testing.assert_allclose(got.hessians[head.hessian_key], 2 * (s3 + s4) / (n3 + n4), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.hessians[other.hessian_key], 2 * s3 / n3, rtol=1e-4, atol=1e-5)
+    assert set(got.hessians) == {l.hessian_key for l in scan.layers}      # the uses' own are dropped
+
+
 def test_capture_of_an_inner_layer_matches_its_activations(tmp_path):
     """The Gemm after the pooling sees the pooled features: check against ORT's own values."""
     import onnx

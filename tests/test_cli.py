@@ -222,6 +222,47 @@ def test_layer_bits_in_qdq_store_each_width_in_its_type(capsys, stack):
             "INT8 weights holding 8-bit codes (1 layer))") in out.splitlines()
 
 
+def test_a_head_shared_by_two_levels_is_one_layer_on_both_levels_hessians(capsys, tmp_path):
+    """One solve on the merged Hessian (the capture's, checked against brute force in
+    test_capture), written once and fed to both uses; the BN after one use is not folded."""
+    import onnx_graphsurgeon as gs
+    from onnxobq.calibration import CalibConfig
+    from onnxobq.capture import capture_hessians
+    from onnxobq.config import SolveConfig
+    from onnxobq.graph import scan_layers
+    from onnxobq.quant import GridSpec
+    from onnxobq.solve import solve_layer
+
+    model = builders.shared_head()
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(5).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    code, out, err = cli(capsys, "quantize", tmp_path / "m.onnx", "--bits", 4, "--calib", tmp_path / "c.npz",
+                         "--format", "fake", "-o", tmp_path / "fake.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [l["name"] for l in report["layers"]] == ["stem", "down", "head_p3", "other"]
+    q = onnx.load(tmp_path / "fake.onnx")
+    assert sum(n.op_type == "BatchNormalization" for n in q.graph.node) == 1
+    assert report["bn"]["notes"][0] == "head_p3: neither corrected nor given a BN fold (its weight is shared by 2 nodes)"
+    scan = scan_layers(gs.import_onnx(model))
+    head = next(l for l in scan.layers if l.name == "head_p3")
+    H = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), np).hessians
+    expect, _ = solve_layer(head, scan.weights["head_p3"], H[head.hessian_key],
+                            SolveConfig(grid=GridSpec(bits=4)), np)
+    written = next(onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name == "wh")
+    np.testing.assert_array_equal(written, expect.weight())
+    code, out, err = cli(capsys, "quantize", tmp_path / "m.onnx", "--bits", 4, "--calib", tmp_path / "c.npz",
+                         "-o", tmp_path / "qdq.onnx")
+    assert code == 0, err
+    q = onnx.load(tmp_path / "qdq.onnx")
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    dq = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert len(dq) == 4 and convs["head_p3"].input[1] == convs["head_p4"].input[1] in dq
+    np.testing.assert_allclose(outputs(tmp_path / "qdq.onnx", x)[1], outputs(tmp_path / "fake.onnx", x)[1],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_no_command_prints_the_help(capsys):
     code, out, err = cli(capsys)
     assert (code, err) == (0, "")

@@ -73,9 +73,10 @@ def _int_constant(name: str, values: np.ndarray, kind: str) -> gs.Constant:
     return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values.astype(dtype), name)))
 
 
-def insert_dequantize(graph: gs.Graph, node: gs.Node, q: QuantizedLayer, kind: str,
+def insert_dequantize(graph: gs.Graph, nodes: list[gs.Node], q: QuantizedLayer, kind: str,
                       opset: int, taken: set) -> None:
-    """Feed the layer from DequantizeLinear(codes, scale, zero) instead of its float weight."""
+    """Feed the layer's nodes (all that share its weight) from one DequantizeLinear(codes,
+    scale, zero) instead of its float weight."""
     w = q.layer.weight
     codes = _int_constant(fresh_name(graph, w + "_quantized", taken), q.codes, kind)
     zero = _int_constant(fresh_name(graph, w + "_zero_point", taken), q.zero, kind)
@@ -94,7 +95,8 @@ def insert_dequantize(graph: gs.Graph, node: gs.Node, q: QuantizedLayer, kind: s
         graph.nodes.append(gs.Node("Cast", name=fresh_name(graph, w + "_Cast", taken), inputs=[out],
                                    outputs=[cast], attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}))
         out = cast
-    node.inputs[1] = out
+    for node in nodes:
+        node.inputs[1] = out
 
 
 def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, opset: int,
@@ -116,7 +118,8 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
         if fmt == "fake":
             constant_holder(node.inputs[1]).values = q.weight()
         else:
-            insert_dequantize(graph, node, q, storage_type(q.bits, symmetric, opset), opset, taken)
+            nodes = [node] + [node_of(graph, use) for use in q.layer.each_use()[1:]]
+            insert_dequantize(graph, nodes, q, storage_type(q.bits, symmetric, opset), opset, taken)
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,7 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
     """
     subgraphs, outputs = {}, {t.name for t in graph.outputs}
     for node in graph.nodes:
-        if (node.op in QUANTIZABLE_OPS and len(node.inputs) > 1 and node.inputs[1].name
-                and len(node.inputs[1].outputs) == 1):        # a shared weight is skipped anyway
+        if node.op in QUANTIZABLE_OPS and len(node.inputs) > 1 and node.inputs[1].name:
             nodes = weight_subgraph(node.inputs[1], outputs)
             if nodes is not None:
                 subgraphs[node.inputs[1].name] = nodes

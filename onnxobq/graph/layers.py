@@ -6,7 +6,7 @@ are returned too, each with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -48,6 +48,10 @@ class Layer:
         trans_a: Gemm transA=1 (the activation arrives transposed).
         conv: im2col geometry for a Conv, else None.
         bias: the bias tensor's name (Conv input 3, Gemm C), or None.
+        uses: (input, output) of the other nodes that share this weight (same op and
+            attributes, the weight as their second input; RetinaNet-style detection heads
+            run one conv on every pyramid level). The weight is solved once on the sum of
+            every use's X^T X; ``name``, ``input`` and ``output`` are those of the first.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Layer:
     trans_a: bool = False
     conv: ConvGeometry | None = None
     bias: str | None = None
+    uses: tuple[tuple[str, str], ...] = ()
 
     @property
     def channel_axis(self) -> int:
@@ -74,7 +79,14 @@ class Layer:
     @property
     def hessian_key(self) -> tuple:
         """Layers with the same key see the same unfolded input and share one Hessian."""
-        return (self.input, self.op == "Conv", self.trans_a, self.conv, self.groups, self.cols)
+        return (self.input, self.op == "Conv", self.trans_a, self.conv, self.groups, self.cols, self.uses)
+
+    def each_use(self) -> list[Layer]:
+        """One layer per node that uses the weight, each with its own input and output (the
+        layer itself when it has no other uses)."""
+        if not self.uses:
+            return [self]
+        return [replace(self, input=i, output=o, uses=()) for i, o in ((self.input, self.output), *self.uses)]
 
 
 @dataclass(frozen=True)
@@ -165,18 +177,23 @@ def _unique_name(node, index, seen):
 def scan_layers(graph: gs.Graph) -> LayerScan:
     """Find every Conv, Gemm and MatMul of ``graph`` and decide whether it can be quantized.
 
+    A weight that several such nodes share (same op and attributes) makes one layer, at its
+    first node, with the others as its ``uses``.
+
     Args:
         graph: an onnx-graphsurgeon graph (not modified).
 
     Returns:
         LayerScan with the quantizable layers in graph order and the skipped ones with reasons.
     """
-    scan, seen = LayerScan(), set()
+    scan, seen, claimed = LayerScan(), set(), set()
     for index, node in enumerate(graph.nodes):
         if node.op not in QUANTIZABLE_OPS and node.op not in UNSUPPORTED_OPS:
             continue
-        name = _unique_name(node, index, seen)
         wname = node.inputs[1].name if len(node.inputs) > 1 else ""
+        if node.op in QUANTIZABLE_OPS and wname in claimed:
+            continue                                   # a later use of a shared weight's layer
+        name = _unique_name(node, index, seen)
         if node.op in UNSUPPORTED_OPS:
             scan.skipped.append(Skipped(name, node.op, wname, UNSUPPORTED_OPS[node.op]))
             continue
@@ -192,6 +209,11 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
             else:
                 found = _describe(node, name, w, source)
                 if isinstance(found, Layer):
+                    others = [u for u in node.inputs[1].outputs if u is not node]
+                    if others:
+                        found = replace(found, uses=tuple((u.inputs[0].name, u.outputs[0].name) for u in others),
+                                        source=f"{source}, shared by {len(others) + 1} nodes")
+                        claimed.add(wname)
                     scan.layers.append(found)
                     scan.weights[found.name] = w
                     continue
@@ -207,12 +229,20 @@ def _skip_reason(node) -> str | None:
     x, w = node.inputs[0], node.inputs[1]
     if node.op == "MatMul" and not _is_constant(w) and _is_constant(x):
         return "the constant is the first MatMul input (weight x activation)"
-    users = [u for u in w.outputs]
-    if len(users) > 1:
-        return f"the weight is shared by {len(users)} nodes"
-    if _is_constant(x):
+    users = list(w.outputs)
+    if len(users) > 1 and not _shareable(node, users):
+        return f"the weight is shared by {len(users)} nodes of other ops, attributes or inputs"
+    if any(_is_constant(u.inputs[0]) for u in users):
         return "the activation input is a constant"
     return None
+
+
+def _shareable(node, users) -> bool:
+    """Whether nodes that share node's weight can be one layer: the same op with the same
+    attributes, each with the weight as its second input only, and one output."""
+    w = node.inputs[1]
+    return all(u.op == node.op and u.attrs == node.attrs and len(u.outputs) == 1
+               and [i for i, t in enumerate(u.inputs) if t is w] == [1] for u in users)
 
 
 def _is_constant(tensor) -> bool:

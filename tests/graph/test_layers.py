@@ -75,7 +75,7 @@ def test_skipped_layers_say_why():
     bad[0, 0] = np.nan
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["a"], name="shared1"),
-        helper.make_node("MatMul", ["a", "w"], ["b"], name="shared2"),
+        helper.make_node("Gemm", ["a", "w"], ["b"], name="shared2"),     # another op: not one layer
         helper.make_node("Transpose", ["b"], ["bt"], name="t"),
         helper.make_node("MatMul", ["b", "bt"], ["c"], name="runtime"),
         helper.make_node("MatMul", ["c", "nanw"], ["d"], name="nan"),
@@ -88,7 +88,7 @@ def test_skipped_layers_say_why():
     s = scan(m)
     reasons = {k.name: k.reason for k in s.skipped}
     assert not s.layers
-    assert reasons["shared1"] == reasons["shared2"] == "the weight is shared by 2 nodes"
+    assert reasons["shared1"] == reasons["shared2"] == "the weight is shared by 2 nodes of other ops, attributes or inputs"
     assert reasons["runtime"] == "the weight is computed at run time (by a Transpose node)"
     assert reasons["nan"] == "the weight has NaN or Inf values"
     assert reasons["deconv"].startswith("ConvTranspose is not supported")
