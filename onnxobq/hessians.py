@@ -23,7 +23,9 @@ from .errors import UserError, cannot_read
 from .graph.io import external_data_files, write_atomically
 from .graph.layers import Layer
 
-FORMAT = "onnxobq-hessians/1"
+# Version 2: the layers' keys name the other uses of a shared weight (Layer.uses), so the keys
+# of version-1 files no longer match any layer.
+FORMAT = "onnxobq-hessians/2"
 
 
 def model_digest(path: str) -> str:
