@@ -116,8 +116,8 @@ class BNOutcome:
 
 def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode]:
     """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows."""
-    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not q.layer.uses}  # a shared weight
-    # cannot take in the BN of one of its uses
+    # a weight shared by several nodes cannot take in the BN of one of them
+    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not q.layer.uses}
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:

@@ -183,10 +183,13 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
     synchronize(xp)
     seconds = time.perf_counter() - start
     if Hw is not None:       # the report's errors, in float32 (see REPORT_DTYPE), H cast once
-        H32 = Hw.astype(REPORT_DTYPE, copy=False)
-        norms = lambda D: weighted_norms(D.astype(REPORT_DTYPE, copy=False), H32, xp)  # noqa: E731
-        den, num = norms(W), norms(W - res.Q)
-        rtn_num = norms(W - METHODS["rtn"].solve(W, None, grid, xp=xp).Q)
+        diffs = (lambda: W, lambda: W - res.Q, lambda: W - METHODS["rtn"].solve(W, None, grid, xp=xp).Q)
+        with np.errstate(over="ignore", invalid="ignore"):
+            H32 = Hw.astype(REPORT_DTYPE, copy=False)
+            figures = [weighted_norms(d().astype(REPORT_DTYPE, copy=False), H32, xp) for d in diffs]
+            if not all(np.isfinite(f).all() for f in figures):   # past float32's range: in H's own dtype
+                figures = [weighted_norms(d(), Hw, xp) for d in diffs]
+        den, num, rtn_num = figures
     codes, scale, zero = to_numpy(res.codes), to_numpy(res.scale), to_numpy(res.zero)
     out, g0, total = [], 0, W.shape[0]
     for layer, n_rows in zip(layers, rows):

@@ -145,3 +145,28 @@ def test_the_reported_errors_match_float64_sums(bits):
     assert s.error < 0.02 * s.rtn_error
     assert s.error == pytest.approx(layer_error(W, Q, H, np), rel=1e-5)
     assert s.rtn_error == pytest.approx(layer_error(W, rtn, H, np), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [1e19, 3e19])
+def test_reported_errors_past_float32s_range_come_from_float64_sums(size):
+    """Activations of about 1e19 (a model whose values blow up) give errors, or at 3e19 a
+    Hessian, past float32's range: the errors are then summed in H's float64, finite, without
+    a warning."""
+    import warnings
+    from onnxobq.graph.layers import to_matrix
+    from onnxobq.solvers import layer_error
+
+    r = np.random.default_rng(6)
+    lay = layer("l", 8, 16)
+    X = r.standard_normal((1, 16, 64)) * size
+    H = 2 * X @ X.transpose(0, 2, 1) / 64
+    w = r.standard_normal(lay.shape).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        in_float32 = solve.weighted_norms(to_matrix(lay, w), H.astype(np.float32), np)
+    assert not np.isfinite(in_float32).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=4)), np, 64)
+    W = to_matrix(lay, w).astype(np.float64)
+    Q = (to_matrix(lay, q.codes).astype(np.float64) - q.zero[None, :, None]) * q.scale[None, :, None]
+    assert np.isfinite(s.error) and s.error == pytest.approx(layer_error(W, Q, H, np), rel=1e-9)

@@ -8,14 +8,16 @@ and replaced by the initializer it computes, before the scan.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .layers import QUANTIZABLE_OPS, LayerScan, scan_layers, weight_values
+from .layers import QUANTIZABLE_OPS, LayerScan, scan_layers
 
 # Never folded: the weight is already quantized, or its value is drawn at random.
 NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -60,7 +62,7 @@ def weight_subgraph(tensor: gs.Tensor, graph_outputs: set[str]) -> list[gs.Node]
     tensor is a constant already, depends on a graph input, passes through a node of NOT_FOLDED
     or a node with subgraphs, or when a tensor inside it (other than a small constant) is also
     read outside it or is one of ``graph_outputs`` (names)."""
-    if weight_values(tensor)[0] is not None:
+    if _constant_size(tensor) is not None:
         return None
     nodes: list[gs.Node] = []
     seen: set[int] = set()
@@ -88,14 +90,41 @@ def weight_subgraph(tensor: gs.Tensor, graph_outputs: set[str]) -> list[gs.Node]
         for t in node.inputs:
             if not t.name or all(id(user) in inside for user in t.outputs):
                 continue
-            values = weight_values(t)[0]
-            if values is None or values.size > SHARED_ELEMENTS:
+            size = _constant_size(t)
+            if size is None or size > SHARED_ELEMENTS:
                 return None
     for node in nodes:                                       # only the weight leaves the subgraph
         for t in node.outputs:
             if t.name in graph_outputs or (t is not tensor and any(id(user) not in inside for user in t.outputs)):
                 return None
     return nodes[::-1]
+
+
+def _constant_size(tensor: gs.Tensor) -> int | None:
+    """The element count of an initializer or a Constant node's output (without loading its
+    values); None for any other tensor."""
+    if isinstance(tensor, gs.Constant):
+        return math.prod(tensor.shape)
+    if not tensor.inputs or tensor.inputs[0].op != "Constant":
+        return None
+    attrs = tensor.inputs[0].attrs
+    if isinstance(attrs.get("value"), gs.Constant):
+        return math.prod(attrs["value"].shape)
+    if "value_float" in attrs or "value_int" in attrs:
+        return 1
+    listed = attrs.get("value_floats", attrs.get("value_ints"))
+    return None if listed is None else len(listed)
+
+
+def _type_float_constants(graph: gs.Graph) -> None:
+    """Give every Constant node with a value_float(s) attribute the same values as a float32
+    ``value`` tensor, in place. fold_constants turns every Constant node of the graph into a
+    constant tensor first, and makes those attributes float64 ones (onnx-graphsurgeon 0.6.1),
+    which would leave nodes with inputs of two float types."""
+    for node in graph.nodes:
+        if node.op == "Constant" and node.outputs and {"value_float", "value_floats"} & set(node.attrs):
+            values = node.attrs.get("value_float", node.attrs.get("value_floats"))
+            node.attrs = {"value": gs.Constant(node.outputs[0].name + "_value", np.array(values, np.float32))}
 
 
 def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
@@ -117,6 +146,7 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
                 subgraphs[node.inputs[1].name] = nodes
     if not subgraphs:
         return Folded(model, graph)
+    _type_float_constants(graph)
     # fold_constants decides on a copy of the graph: its nodes are known by their output names
     foldable = {t.name for nodes in subgraphs.values() for n in nodes for t in n.outputs}
     try:
@@ -148,6 +178,6 @@ def scan_folded(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LayerScan, lis
     """
     folded = fold_weights(model, gs.import_onnx(model))
     scan = scan_layers(folded.graph)
-    scan.layers = [replace(layer, source=f"folded {folded.ops[layer.weight]}") if layer.weight in folded.ops
-                   else layer for layer in scan.layers]
+    scan.layers = [replace(layer, source=layer.source.replace("initializer", f"folded {folded.ops[layer.weight]}", 1))
+                   if layer.weight in folded.ops else layer for layer in scan.layers]
     return folded.model, scan, folded.notes()

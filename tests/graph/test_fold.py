@@ -116,17 +116,24 @@ def test_weights_that_are_not_folded_keep_their_reason(case, reason):
     assert [s.reason for s in scan.skipped] == [reason]
 
 
-def test_a_small_constant_shared_with_other_nodes_is_folded_in():
-    """A shape constant that another Reshape reads too does not keep the weight from folding."""
-    nodes = [helper.make_node("Reshape", ["wr", "shape"], ["w"], name="r"),
+def test_small_constants_shared_with_other_nodes_are_folded_in():
+    """A shape constant that another Reshape reads too, and a scalar Constant node (value_float)
+    that an Add outside reads too, do not keep the weight from folding."""
+    nodes = [helper.make_node("Constant", [], ["half"], value_float=0.5, name="c"),
+             helper.make_node("Reshape", ["wr", "shape"], ["w2"], name="r"),
+             helper.make_node("Mul", ["w2", "half"], ["w"], name="m"),
              helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
-             helper.make_node("Reshape", ["a", "shape"], ["y"], name="r2")]
+             helper.make_node("Reshape", ["a", "shape"], ["a2"], name="r2"),
+             helper.make_node("Add", ["a2", "half"], ["y"], name="add")]
     model = _model(nodes, {"wr": W.T.reshape(-1).copy(), "shape": np.array([4, 3], np.int64)},
                    [builders.fvi("x", [4, 4])], [builders.fvi("y", [4, 3])], 18)
     folded, scan, notes = scan_folded(model)
-    assert [l.source for l in scan.layers] == ["folded Reshape"]
-    np.testing.assert_array_equal(scan.weights["mm"], W.T)
-    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Reshape"]
+    assert [l.source for l in scan.layers] == ["folded Reshape+Mul"]
+    np.testing.assert_array_equal(scan.weights["mm"], W.T * np.float32(0.5))
+    assert sorted(n.op_type for n in folded.graph.node) == ["Add", "MatMul", "Reshape"]
+    onnx.checker.check_model(folded)
+    x = builders.rng(6).standard_normal((4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, {"x": x})[0], _run(model, {"x": x})[0])
 
 
 def test_a_subgraph_onnxruntime_cannot_run_leaves_the_layer_in_float_with_a_note(capfd):
