@@ -401,6 +401,10 @@ def _updates(graph, bns, targets, raw, fp_m, q_m, cfg: BNConfig, qlayers):
         if bias is None:
             notes.append(f"{q.layer.name}: not corrected (its bias is computed at run time)")
             continue
+        moments = (fp_m[name].mean(), fp_m[name].var(), q_m[raw[name]].mean(), q_m[raw[name]].var())
+        if not all(np.isfinite(m).all() for m in moments):
+            notes.append(f"{q.layer.name}: not corrected (its outputs are not finite on the calibration data)")
+            continue
         sd_fp, sd_q = np.sqrt(fp_m[name].var()), np.sqrt(q_m[raw[name]].var())
         a = np.where(sd_q > 1e-12, sd_fp / np.maximum(sd_q, 1e-12), 1.0)
         new[name] = _fold(q, bias, a, fp_m[name].mean() - a * q_m[raw[name]].mean())

@@ -264,3 +264,28 @@ def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path):
                      opset=13, symmetric=True)
     assert (out.samples, out.kept, out.edits) == (0, False, ())
     assert out.notes == ["skipped: the BN samples make no whole batch of the model's fixed batch; give --bn-samples all"]
+
+
+def test_a_conv_whose_outputs_overflow_is_not_corrected_and_says_why(tmp_path):
+    """conv1's outputs overflow to inf (weights of 1e38) while the clipped model output stays
+    finite: conv1 is left uncorrected with a note, conv2 is corrected, and nothing warns."""
+    import warnings
+    from onnx import helper, numpy_helper
+    r = np.random.default_rng(8)
+    w1 = np.full((4, 2, 3, 3), 1e38, np.float32)
+    w2 = (0.3 * r.standard_normal((3, 2, 1, 1))).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["y"], name="clip"),
+             helper.make_node("Conv", ["x", "w2"], ["z"], name="conv2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(1), "hi")]
+    model = builders.make_model(nodes, [builders.fvi("x", [None, 2, 6, 6])],
+                                [builders.fvi("y", [None, 4, 6, 6]), builders.fvi("z", [None, 3, 6, 6])], inits)
+    x = (r.random((8, 2, 6, 6)) + 0.5).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = reestimate(model, rtn_layers(model), BNConfig(), CalibConfig(source=str(tmp_path / "c.npz")),
+                         opset=13, symmetric=True)
+    assert out.notes == ["conv1: not corrected (its outputs are not finite on the calibration data)"]
+    assert out.corrected == 2 and out.qlayers[1].bias is not None and out.qlayers[0].bias is None

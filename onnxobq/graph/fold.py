@@ -37,12 +37,15 @@ class Folded:
         model: the model with the subgraphs folded (the input itself when nothing was).
         graph: its onnx-graphsurgeon graph.
         ops: per weight folded, the ops of its subgraph, e.g. "Transpose" or "Cast+Transpose".
+        biases: how many Conv and Gemm biases were folded too (so that BatchNorm
+            correction can write them).
         failed: a one-line reason where onnxruntime could not evaluate the subgraphs.
     """
 
     model: onnx.ModelProto
     graph: gs.Graph
     ops: dict[str, str] = field(default_factory=dict)
+    biases: int = 0
     failed: str | None = None
 
     def notes(self) -> list[str]:
@@ -53,8 +56,9 @@ class Folded:
             return []
         counts = ", ".join(f"{ops} {n}" for ops, n in sorted(Counter(self.ops.values()).items()))
         n = len(self.ops)
+        also = f", and {self.biases} of their biases" if self.biases else ""
         return [f"folded the constant subgraph{'s' * (n > 1)} that compute{'s' * (n == 1)} {n} "
-                f"weight{'s' * (n > 1)} into initializers ({counts})"]
+                f"weight{'s' * (n > 1)} into initializers ({counts}){also}"]
 
 
 def weight_subgraph(tensor: gs.Tensor, graph_outputs: set[str]) -> list[gs.Node] | None:
@@ -128,7 +132,8 @@ def _type_float_constants(graph: gs.Graph) -> None:
 
 
 def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
-    """Fold every Conv, Gemm and MatMul weight that constants alone compute (see weight_subgraph).
+    """Fold every Conv, Gemm and MatMul weight that constants alone compute (see weight_subgraph),
+    and the Conv and Gemm biases beside the weights folded.
 
     Args:
         model: the loaded model; graph: gs.import_onnx(model), folded in place (or, where
@@ -138,17 +143,21 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
         Folded; its model is a new ModelProto where something was folded, with the input's IR
         version, producer and metadata, and the input itself (with ``graph``) otherwise.
     """
-    subgraphs, outputs = {}, {t.name for t in graph.outputs}
+    subgraphs, biases, outputs = {}, {}, {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op in QUANTIZABLE_OPS and len(node.inputs) > 1 and node.inputs[1].name:
             nodes = weight_subgraph(node.inputs[1], outputs)
             if nodes is not None:
                 subgraphs[node.inputs[1].name] = nodes
+                bias = node.inputs[2] if node.op != "MatMul" and len(node.inputs) > 2 else None
+                nodes = None if bias is None or not bias.name else weight_subgraph(bias, outputs)
+                if nodes is not None:
+                    biases[bias.name] = nodes
     if not subgraphs:
         return Folded(model, graph)
     _type_float_constants(graph)
     # fold_constants decides on a copy of the graph: its nodes are known by their output names
-    foldable = {t.name for nodes in subgraphs.values() for n in nodes for t in n.outputs}
+    foldable = {t.name for nodes in [*subgraphs.values(), *biases.values()] for n in nodes for t in n.outputs}
     try:
         with G_LOGGER.suppress():        # its warnings would go to stdout; a failure is noted instead
             graph.toposort()
@@ -166,7 +175,7 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    return Folded(out, graph, ops)
+    return Folded(out, graph, ops, sum(isinstance(tensors.get(name), gs.Constant) for name in biases))
 
 
 def scan_folded(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LayerScan, list[str]]:

@@ -20,13 +20,14 @@ def _run(model, feed):
 
 def computed_weights_model():
     """MatMul on Transpose(wt), Gemm on Reshape(wr, shape), a weight-normalised Conv
-    (g * v / ||v||), and MatMul on a float16 weight Cast to float32."""
+    (g * v / ||v||) with a float16 bias Cast to float32, and MatMul on a float16 weight Cast
+    to float32."""
     r = builders.rng(3)
     inits = {"wt": r.standard_normal((3, 4)).astype(np.float32),
              "wr": r.standard_normal((24,)).astype(np.float32), "shape": np.array([8, 3], np.int64),
              "v": r.standard_normal((5, 2, 3, 3)).astype(np.float32),
              "g": (r.random((5, 1, 1, 1)) + 0.5).astype(np.float32), "axes": np.array([1, 2, 3], np.int64),
-             "w16": r.standard_normal((4, 6)).astype(np.float16)}
+             "w16": r.standard_normal((4, 6)).astype(np.float16), "b16": r.standard_normal(5).astype(np.float16)}
     nodes = [helper.make_node("Transpose", ["wt"], ["w"], perm=[1, 0], name="t"),
              helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
              helper.make_node("Reshape", ["wr", "shape"], ["gw"], name="r"),
@@ -36,7 +37,8 @@ def computed_weights_model():
              helper.make_node("ReduceL2", ["v", "axes"], ["n"], keepdims=1, name="l2"),
              helper.make_node("Div", ["v", "n"], ["vn"], name="div"),
              helper.make_node("Mul", ["vn", "g"], ["cw"], name="mul"),
-             helper.make_node("Conv", ["img", "cw"], ["z"], pads=[1, 1, 1, 1], name="conv")]
+             helper.make_node("Cast", ["b16"], ["cb"], to=TensorProto.FLOAT, name="bcast"),
+             helper.make_node("Conv", ["img", "cw", "cb"], ["z"], pads=[1, 1, 1, 1], name="conv")]
     return _model(nodes, inits, [builders.fvi("x", [2, 4]), builders.fvi("img", [1, 2, 6, 6])],
                   [builders.fvi("y", [2, 8]), builders.fvi("y16", [2, 6]), builders.fvi("z", [1, 5, 6, 6])], 18), inits
 
@@ -57,7 +59,9 @@ def test_weights_that_constants_compute_are_folded_to_their_values():
         np.testing.assert_allclose(scan.weights[name], w, rtol=1e-6, atol=0)
     assert sorted(n.op_type for n in folded.graph.node) == ["Conv", "Gemm", "MatMul", "MatMul"]
     assert notes == ["folded the constant subgraphs that compute 4 weights into initializers "
-                     "(Cast 1, ReduceL2+Div+Mul 1, Reshape 1, Transpose 1)"]
+                     "(Cast 1, ReduceL2+Div+Mul 1, Reshape 1, Transpose 1), and 1 of their biases"]
+    bias = next(t for t in folded.graph.initializer if t.name == "cb")
+    np.testing.assert_array_equal(numpy_helper.to_array(bias), inits["b16"].astype(np.float32))
     onnx.checker.check_model(folded)
     assert folded.ir_version == model.ir_version
     r = builders.rng(4)
