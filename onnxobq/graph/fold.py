@@ -161,7 +161,8 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
     try:
         with G_LOGGER.suppress():        # its warnings would go to stdout; a failure is noted instead
             graph.toposort()
-            graph.fold_constants(fold_shapes=False, error_ok=False,
+            graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
+                                 recurse_functions=False, error_ok=False,
                                  should_exclude_node=lambda n: not all(t.name in foldable for t in n.outputs))
     except Exception as exc:  # onnxruntime could not run a subgraph: the layers stay in float
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

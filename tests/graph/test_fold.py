@@ -153,3 +153,20 @@ def test_a_subgraph_onnxruntime_cannot_run_leaves_the_layer_in_float_with_a_note
                                                    "folding them failed (")
     assert "\n" not in notes[0]
     assert capfd.readouterr() == ("", "")          # onnx-graphsurgeon's warnings are kept quiet
+
+
+def test_folding_leaves_the_rest_of_the_graph_as_it_was():
+    """An If on a constant condition elsewhere keeps its branches (no flattening), and the
+    model still runs the same."""
+    then = helper.make_graph([helper.make_node("Relu", ["y"], ["t"])], "then", [], [builders.fvi("t", [2, 3])])
+    other = helper.make_graph([helper.make_node("Neg", ["y"], ["e"])], "else", [], [builders.fvi("e", [2, 3])])
+    nodes = [helper.make_node("Transpose", ["wt"], ["w"], perm=[1, 0], name="t"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=other, name="if")]
+    model = _model(nodes, {"wt": W, "cond": np.array(True)}, [builders.fvi("x", [2, 4])],
+                   [builders.fvi("z", [2, 3])], 18)
+    folded, scan, notes = scan_folded(model)
+    assert [l.source for l in scan.layers] == ["folded Transpose"]
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "If"]
+    x = builders.rng(7).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, {"x": x})[0], _run(model, {"x": x})[0])
