@@ -114,10 +114,22 @@ class BNOutcome:
     notes: list[str] = field(default_factory=list)
 
 
+def fixed_conv(tensors: dict, layer) -> str | None:
+    """Why a Conv can take in neither a BN nor a correction, or None: a weight shared by several
+    nodes, or a bias that other nodes read too (either edit would change them as well).
+    ``tensors``: the graph's tensors by name."""
+    if layer.uses:
+        return f"its weight is shared by {len(layer.uses) + 1} nodes"
+    bias = tensors.get(layer.bias) if layer.bias else None
+    if bias is not None and len(bias.outputs) > 1:
+        return f"its bias is shared by {len(bias.outputs)} nodes"
+    return None
+
+
 def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode]:
     """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows."""
-    # a weight shared by several nodes cannot take in the BN of one of them
-    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not q.layer.uses}
+    tensors = graph.tensors()
+    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not fixed_conv(tensors, q.layer)}
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:
@@ -447,9 +459,14 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     graph = gs.import_onnx(model)
     bns = find_bn_nodes(graph, qlayers)
     after_bn = {bn.input for bn in bns}
+    tensors = graph.tensors()
+    fixed = {q.layer.name: why for q in qlayers if q.layer.op == "Conv" and (why := fixed_conv(tensors, q.layer))}
     targets = {q.layer.output: np.dtype(q.layer.dtype) for q in qlayers
-               if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn and not q.layer.uses}
+               if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn
+               and q.layer.name not in fixed}
     outcome = BNOutcome(qlayers=qlayers)
+    if cfg.fold or cfg.correct_folded:
+        outcome.notes = [f"{name}: neither corrected nor given a BN fold ({why})" for name, why in fixed.items()]
     if not bns and not targets:
         outcome.notes.append("no BatchNormalization nodes and no Convs to correct")
         return outcome
@@ -476,8 +493,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
     q_model = build_model(model, current, "fake", opset, symmetric, edits)
     outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)
     outcome.kept = outcome.error_after < KEEP_RATIO * outcome.error_before
-    outcome.reestimated, outcome.folded, outcome.corrected = len(bns), folded, len(targets)
-    shared = [f"{q.layer.name}: neither corrected nor given a BN fold (its weight is shared by "
-              f"{len(q.layer.uses) + 1} nodes)" for q in qlayers if q.layer.op == "Conv" and q.layer.uses]
-    outcome.notes, outcome.qlayers, outcome.edits = shared + notes, current, edits
+    corrected = sum(c is not q for c, q in zip(current, qlayers) if q.layer.output in targets)
+    outcome.reestimated, outcome.folded, outcome.corrected = len(bns), folded, corrected
+    outcome.notes, outcome.qlayers, outcome.edits = outcome.notes + notes, current, edits
     return outcome

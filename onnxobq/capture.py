@@ -799,17 +799,20 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         Captured: the Hessians (on ``xp``, in ``sum_dtype``) and their row counts by hessian_key.
     """
     inputs = model_inputs(model)
-    first = {}
+    # What each sum accumulates: one input per key, except that a shared weight's sum takes
+    # every use's input (its H is then the Hessian of all of them, sum_u N_u H_u / sum_u N_u).
+    parts = {}
     for layer in layers:
-        for use in layer.each_use():         # a shared weight's uses, each with its own input
-            first.setdefault(use.hessian_key, use)
-    dtypes = layer_input_outputs(model, list(first.values()))
+        for use in layer.each_use():
+            parts.setdefault((layer.hessian_key, use.input), (layer.hessian_key, use))
+    parts = list(parts.values())
+    dtypes = layer_input_outputs(model, [use for _, use in parts])
     # One session: on the 2-core machine two side by side (see session_workers) cut the wait for
     # the detector's forward passes (256 images) by 1.6 and 1.9 s, but its products took 4.9
     # and 6.5 s longer.
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
-    sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(layer, xp)) for key, layer in first.items()}
+    sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(use, xp)) for key, use in parts}
     samples = 0
 
     def forward():
@@ -829,8 +832,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             if item is None:
                 break
             feed, acts = item
-            for key, layer in first.items():
-                accumulate(layer, acts[layer.input], sums[key], xp, upload, product)
+            for key, use in parts:
+                accumulate(use, acts[use.input], sums[key], xp, upload, product)
             n = feed_samples(feed)
             samples += n
             if on_batch:
@@ -838,23 +841,5 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
-    hessians = {key: s.hessian(xp, product) for key, s in sums.items()}
-    rows = {key: s.count for key, s in sums.items()}
-    merge_uses(layers, hessians, rows)
-    return Captured(hessians, rows, samples, waited)
-
-
-def merge_uses(layers: list[Layer], hessians: dict, rows: dict) -> None:
-    """Give each layer with shared uses the Hessian of all of them, in place: the sum of their
-    X^T X over the sum of their rows, H = sum_u N_u H_u / sum_u N_u, under its own key. The
-    uses' own Hessians are dropped where no other layer has their key."""
-    wanted = {layer.hessian_key for layer in layers}
-    merged = [layer for layer in layers if layer.uses]
-    for layer in merged:
-        keys = [use.hessian_key for use in layer.each_use()]
-        total = sum(rows[k] for k in keys)
-        H = sum(hessians[k] * (rows[k] / max(total, 1)) for k in keys)
-        hessians[layer.hessian_key], rows[layer.hessian_key] = H, total
-    for key in {use.hessian_key for layer in merged for use in layer.each_use()} - wanted:
-        hessians.pop(key, None)
-        rows.pop(key, None)
+    return Captured({key: s.hessian(xp, product) for key, s in sums.items()},
+                    {key: s.count for key, s in sums.items()}, samples, waited)

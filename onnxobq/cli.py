@@ -47,7 +47,7 @@ class GlobBits(click.ParamType):
         glob, sep, bits = str(value).rpartition("=")
         if not sep or not glob:
             self.fail(f"{value!r}: give GLOB=BITS, e.g. 'conv1=8'", param, ctx)
-        if not bits.strip().isdigit() or not 2 <= int(bits) <= 8:
+        if not (bits.strip().isascii() and bits.strip().isdigit()) or not 2 <= int(bits) <= 8:
             self.fail(f"{value!r}: the bit width must be a whole number from 2 to 8", param, ctx)
         return glob, int(bits)
 

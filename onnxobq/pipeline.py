@@ -151,8 +151,10 @@ def unmatched(scan: LayerScan, patterns: tuple[str, ...]) -> list[str]:
 
 
 def _matches(item, pattern: str) -> bool:
-    """Whether a Layer's or Skipped's name or weight matches an --exclude glob."""
-    return any(n and fnmatch.fnmatchcase(n, pattern) for n in (item.name, item.weight))
+    """Whether a Layer's or Skipped's name or weight, or the name of another node sharing a
+    Layer's weight, matches an --exclude or --layer-bits glob."""
+    names = (item.name, item.weight, *(use[0] for use in getattr(item, "uses", ())))
+    return any(n and fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:

@@ -122,7 +122,7 @@ def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
     head = next(l for l in scan.layers if l.name == "head_p3")
     other = next(l for l in scan.layers if l.name == "other")
     assert [l.name for l in scan.layers] == ["stem", "down", "head_p3", "other"] and not scan.skipped
-    assert head.uses == (("p4", "y4"),) and head.source == "initializer, shared by 2 nodes"
+    assert head.uses == (("head_p4", "p4", "y4"),) and head.source == "initializer, shared by 2 nodes"
     x = np.random.default_rng(4).standard_normal((3, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     got = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), np)

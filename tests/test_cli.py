@@ -263,6 +263,45 @@ def test_a_head_shared_by_two_levels_is_one_layer_on_both_levels_hessians(capsys
                                rtol=1e-5, atol=1e-5)
 
 
+def test_exclude_and_layer_bits_match_the_other_uses_of_a_shared_weight(capsys, tmp_path):
+    onnx.save(builders.shared_head(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(6).standard_normal((4, 3, 12, 12)).astype(np.float32))
+    common = ["--bits", 4, "--calib", tmp_path / "c.npz", "--no-bn-reestimate", "-o", tmp_path / "q.onnx",
+              "--report", tmp_path / "r.json", "-q"]
+    assert cli(capsys, "quantize", tmp_path / "m.onnx", "--layer-bits", "head_p4=8", *common)[0] == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(l["name"], l["bits"]) for l in report["layers"]] == [("stem", 4), ("down", 4), ("head_p3", 8), ("other", 4)]
+    assert report["notes"] == []
+    assert cli(capsys, "quantize", tmp_path / "m.onnx", "--exclude", "head_p4", *common)[0] == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [l["name"] for l in report["layers"]] == ["stem", "down", "other"]
+    assert report["skipped"][0]["name"] == "head_p3" and report["skipped"][0]["reason"] == "excluded by --exclude head_p4"
+
+
+def test_convs_sharing_a_bias_are_neither_corrected_nor_folded(capsys, tmp_path):
+    """Correcting one would change the other's bias too."""
+    from onnx import helper, numpy_helper
+    r = np.random.default_rng(9)
+    inits = [numpy_helper.from_array((0.3 * r.standard_normal((4, 3, 3, 3))).astype(np.float32), "wa"),
+             numpy_helper.from_array((0.3 * r.standard_normal((4, 3, 3, 3))).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "wa", "b"], ["ya"], name="ca", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb", "b"], ["yb"], name="cb", pads=[1, 1, 1, 1])]
+    model = builders.make_model(nodes, [builders.fvi("x", [None, 3, 8, 8])],
+                                [builders.fvi("ya", [None, 4, 8, 8]), builders.fvi("yb", [None, 4, 8, 8])], inits)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=r.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    code, _, err = cli(capsys, "quantize", tmp_path / "m.onnx", "--bits", 3, "--calib", tmp_path / "c.npz",
+                       "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json", "-q")
+    assert code == 0, err
+    bn = json.loads((tmp_path / "r.json").read_text())["bn"]
+    assert bn["notes"] == ["ca: neither corrected nor given a BN fold (its bias is shared by 2 nodes)",
+                           "cb: neither corrected nor given a BN fold (its bias is shared by 2 nodes)",
+                           "no BatchNormalization nodes and no Convs to correct"]
+    q = onnx.load(tmp_path / "q.onnx")
+    assert numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "b")).tolist() == [0.0] * 4
+
+
 def test_no_command_prints_the_help(capsys):
     code, out, err = cli(capsys)
     assert (code, err) == (0, "")

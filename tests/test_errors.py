@@ -369,7 +369,8 @@ def test_damp_must_be_a_finite_number_above_zero(capsys, work, damp):
 
 @pytest.mark.parametrize("value,fix", [("conv1", "give GLOB=BITS, e.g. 'conv1=8'"), ("=4", "give GLOB=BITS"),
                                        ("conv1=9", "the bit width must be a whole number from 2 to 8"),
-                                       ("conv1=x", "the bit width must be a whole number from 2 to 8")])
+                                       ("conv1=x", "the bit width must be a whole number from 2 to 8"),
+                                       ("conv1=\u00b2", "the bit width must be a whole number from 2 to 8")])
 def test_layer_bits_need_a_glob_and_a_width(capsys, work, value, fix):
     expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", "--layer-bits", value, "-o", "q.onnx"],
                  names=["--layer-bits", f"'{value}'"], fix=fix)

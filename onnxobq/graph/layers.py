@@ -48,9 +48,9 @@ class Layer:
         trans_a: Gemm transA=1 (the activation arrives transposed).
         conv: im2col geometry for a Conv, else None.
         bias: the bias tensor's name (Conv input 3, Gemm C), or None.
-        uses: (input, output) of the other nodes that share this weight (same op and
-            attributes, the weight as their second input; RetinaNet-style detection heads
-            run one conv on every pyramid level). The weight is solved once on the sum of
+        uses: (name, input, output) of the other nodes that share this weight (same op and
+            attributes, the weight as their second input, all in the main graph;
+            RetinaNet-style detection heads run one conv on every pyramid level). The weight is solved once on the sum of
             every use's X^T X; ``name``, ``input`` and ``output`` are those of the first.
     """
 
@@ -69,7 +69,7 @@ class Layer:
     trans_a: bool = False
     conv: ConvGeometry | None = None
     bias: str | None = None
-    uses: tuple[tuple[str, str], ...] = ()
+    uses: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def channel_axis(self) -> int:
@@ -86,7 +86,8 @@ class Layer:
         layer itself when it has no other uses)."""
         if not self.uses:
             return [self]
-        return [replace(self, input=i, output=o, uses=()) for i, o in ((self.input, self.output), *self.uses)]
+        return [replace(self, name=n, input=i, output=o, uses=())
+                for n, i, o in ((self.name, self.input, self.output), *self.uses)]
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
         LayerScan with the quantizable layers in graph order and the skipped ones with reasons.
     """
     scan, seen, claimed = LayerScan(), set(), set()
+    index_of = {id(n): i for i, n in enumerate(graph.nodes)}   # users in an If or Loop body are not here
     for index, node in enumerate(graph.nodes):
         if node.op not in QUANTIZABLE_OPS and node.op not in UNSUPPORTED_OPS:
             continue
@@ -197,7 +199,7 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
         if node.op in UNSUPPORTED_OPS:
             scan.skipped.append(Skipped(name, node.op, wname, UNSUPPORTED_OPS[node.op]))
             continue
-        reason = _skip_reason(node)
+        reason = _skip_reason(node, index_of)
         if reason is None:
             w, source = weight_values(node.inputs[1])
             if w is None:
@@ -211,7 +213,9 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
                 if isinstance(found, Layer):
                     others = [u for u in node.inputs[1].outputs if u is not node]
                     if others:
-                        found = replace(found, uses=tuple((u.inputs[0].name, u.outputs[0].name) for u in others),
+                        uses = tuple((_unique_name(u, index_of[id(u)], seen), u.inputs[0].name, u.outputs[0].name)
+                                     for u in others)
+                        found = replace(found, uses=uses,
                                         source=f"{source}, shared by {len(others) + 1} nodes")
                         claimed.add(wname)
                     scan.layers.append(found)
@@ -222,26 +226,27 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
     return scan
 
 
-def _skip_reason(node) -> str | None:
-    """Reasons that need no weight values: structure and sharing."""
+def _skip_reason(node, main: dict) -> str | None:
+    """Reasons that need no weight values: structure and sharing (``main``: the main graph's
+    nodes, by id)."""
     if len(node.inputs) < 2 or not node.inputs[1].name:
         return "no weight input"
     x, w = node.inputs[0], node.inputs[1]
     if node.op == "MatMul" and not _is_constant(w) and _is_constant(x):
         return "the constant is the first MatMul input (weight x activation)"
     users = list(w.outputs)
-    if len(users) > 1 and not _shareable(node, users):
-        return f"the weight is shared by {len(users)} nodes of other ops, attributes or inputs"
+    if len(users) > 1 and not _shareable(node, users, main):
+        return f"the weight is shared by {len(users)} nodes of other ops, attributes, inputs or graphs"
     if any(_is_constant(u.inputs[0]) for u in users):
         return "the activation input is a constant"
     return None
 
 
-def _shareable(node, users) -> bool:
+def _shareable(node, users, main: dict) -> bool:
     """Whether nodes that share node's weight can be one layer: the same op with the same
-    attributes, each with the weight as its second input only, and one output."""
+    attributes, each in the main graph, with the weight as its second input only, and one output."""
     w = node.inputs[1]
-    return all(u.op == node.op and u.attrs == node.attrs and len(u.outputs) == 1
+    return all(id(u) in main and u.op == node.op and u.attrs == node.attrs and len(u.outputs) == 1
                and [i for i, t in enumerate(u.inputs) if t is w] == [1] for u in users)
 
 

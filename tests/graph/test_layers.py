@@ -88,7 +88,25 @@ def test_skipped_layers_say_why():
     s = scan(m)
     reasons = {k.name: k.reason for k in s.skipped}
     assert not s.layers
-    assert reasons["shared1"] == reasons["shared2"] == "the weight is shared by 2 nodes of other ops, attributes or inputs"
+    assert reasons["shared1"] == reasons["shared2"] == "the weight is shared by 2 nodes of other ops, attributes, inputs or graphs"
     assert reasons["runtime"] == "the weight is computed at run time (by a Transpose node)"
     assert reasons["nan"] == "the weight has NaN or Inf values"
     assert reasons["deconv"].startswith("ConvTranspose is not supported")
+
+
+def test_a_weight_also_used_inside_an_if_body_is_not_one_layer():
+    """Only main-graph nodes can share a layer (the export edits the main graph)."""
+    w = builders.rng(2).standard_normal((4, 4)).astype(np.float32)
+    body = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="inner")], "then", [],
+                             [builders.fvi("t", [4, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                              [builders.fvi("e", [4, 4])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="outer"),
+             helper.make_node("If", ["cond"], ["b"], then_branch=body, else_branch=other, name="if"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    m = builders.make_model(nodes, [builders.fvi("x", [4, 4])], [builders.fvi("y", [4, 4])],
+                            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(True), "cond")], 13)
+    s = scan(m)
+    assert not s.layers
+    assert [(k.name, k.reason) for k in s.skipped] == [
+        ("outer", "the weight is shared by 2 nodes of other ops, attributes, inputs or graphs")]
