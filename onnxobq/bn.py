@@ -32,7 +32,7 @@ from .calibration import CalibConfig, Replay, batches, feed_samples, spread
 from .capture import model_inputs, run, side_by_side, side_sessions
 from .config import BNConfig
 from .export import BNEdit, build_model
-from .export.graph_edit import constant_holder
+from .graph.layers import constant_holder
 from .solve import QuantizedLayer
 
 VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
@@ -126,10 +126,10 @@ def fixed_conv(tensors: dict, layer) -> str | None:
     return None
 
 
-def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer]) -> list[BNNode]:
-    """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows."""
-    tensors = graph.tensors()
-    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and not fixed_conv(tensors, q.layer)}
+def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer], fixed: dict) -> list[BNNode]:
+    """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows
+    (none of the ``fixed`` ones: layer name -> why, see fixed_conv)."""
+    convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and q.layer.name not in fixed}
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in graph.nodes:
@@ -457,10 +457,10 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         lowered the output error (the caller exports the input layers otherwise).
     """
     graph = gs.import_onnx(model)
-    bns = find_bn_nodes(graph, qlayers)
-    after_bn = {bn.input for bn in bns}
     tensors = graph.tensors()
     fixed = {q.layer.name: why for q in qlayers if q.layer.op == "Conv" and (why := fixed_conv(tensors, q.layer))}
+    bns = find_bn_nodes(graph, qlayers, fixed)
+    after_bn = {bn.input for bn in bns}
     targets = {q.layer.output: np.dtype(q.layer.dtype) for q in qlayers
                if cfg.correct_folded and q.layer.op == "Conv" and q.layer.output not in after_bn
                and q.layer.name not in fixed}

@@ -775,6 +775,44 @@ def layer_input_outputs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str
             for l in layers if l.input not in feeds}
 
 
+def sum_targets(layers: list[Layer]) -> tuple[dict, dict]:
+    """Which running sums a capture keeps, and which layer inputs go into which.
+
+    Each distinct read of an input (a use's hessian_key: the tensor and how it is unfolded)
+    is multiplied once per batch. A shared weight's Hessian is that of all its uses,
+    sum_u N_u H_u / sum_u N_u: a use only it reads accumulates into its own sum, and a use
+    that other layers read the same way (a RetinaNet head's first conv beside the box head's,
+    on the same level) into a sum of that read, merged into each of theirs at the end.
+
+    Returns:
+        (targets, reads): hessian_key of each layer -> the keys of the sums that make its
+        Hessian; and each read's key -> (the key of the sum it goes into, the use that reads it).
+    """
+    readers: dict = {}
+    for layer in layers:
+        for use in layer.each_use():
+            readers.setdefault(use.hessian_key, {})[layer.hessian_key] = None
+    targets, reads = {}, {}
+    for layer in layers:
+        keys = {}
+        for use in layer.each_use():
+            only = len(readers[use.hessian_key]) == 1
+            key = layer.hessian_key if only else use.hessian_key
+            keys[key] = None
+            reads.setdefault(use.hessian_key, (key, use))
+        targets.setdefault(layer.hessian_key, list(keys))
+    return targets, reads
+
+
+def merge_sums(parts: list[tuple]) -> tuple:
+    """One Hessian from the (H, N) of several sums: sum_i N_i H_i / sum_i N_i, and its rows."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = sum(n for _, n in parts)
+    H = sum(h * (n / max(rows, 1)) for h, n in parts)
+    return H, rows
+
+
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int | None = None, sum_dtype: str = "float64") -> Captured:
@@ -799,20 +837,17 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         Captured: the Hessians (on ``xp``, in ``sum_dtype``) and their row counts by hessian_key.
     """
     inputs = model_inputs(model)
-    # What each sum accumulates: one input per key, except that a shared weight's sum takes
-    # every use's input (its H is then the Hessian of all of them, sum_u N_u H_u / sum_u N_u).
-    parts = {}
-    for layer in layers:
-        for use in layer.each_use():
-            parts.setdefault((layer.hessian_key, use.input), (layer.hessian_key, use))
-    parts = list(parts.values())
+    targets, reads = sum_targets(layers)
+    parts = list(reads.values())
     dtypes = layer_input_outputs(model, [use for _, use in parts])
     # One session: on the 2-core machine two side by side (see session_workers) cut the wait for
     # the detector's forward passes (256 images) by 1.6 and 1.9 s, but its products took 4.9
     # and 6.5 s longer.
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
-    sums = {key: HessianSum(dtype=sum_dtype, gather=gather_columns(use, xp)) for key, use in parts}
+    sums = {}
+    for key, use in parts:
+        sums.setdefault(key, HessianSum(dtype=sum_dtype, gather=gather_columns(use, xp)))
     samples = 0
 
     def forward():
@@ -841,5 +876,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
-    return Captured({key: s.hessian(xp, product) for key, s in sums.items()},
-                    {key: s.count for key, s in sums.items()}, samples, waited)
+    done = {key: (s.hessian(xp, product), s.count) for key, s in sums.items()}
+    hessians, rows = {}, {}
+    for key, keys in targets.items():
+        hessians[key], rows[key] = merge_sums([done[k] for k in keys])
+    return Captured(hessians, rows, samples, waited)

@@ -138,6 +138,20 @@ def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
     assert set(got.hessians) == {l.hessian_key for l in scan.layers}      # the uses' own are dropped
 
 
+def test_an_input_read_the_same_way_by_a_shared_and_another_layer_is_multiplied_once(tmp_path, monkeypatch):
+    """p3 is read with the 3 x 3 geometry by the shared head's first use and by the other conv:
+    one product per batch for both; the stem's, the down conv's and the head's p4 read make 4."""
+    from onnxobq import capture
+    model = builders.shared_head()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    x = np.random.default_rng(5).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    read, accumulate = [], capture.accumulate
+    monkeypatch.setattr(capture, "accumulate", lambda use, a, *rest: (read.append(use.name), accumulate(use, a, *rest)))
+    capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+    assert sorted(read) == sorted(["stem", "down", "head_p3", "head_p4"] * 2)
+
+
 def test_capture_of_an_inner_layer_matches_its_activations(tmp_path):
     """The Gemm after the pooling sees the pooled features: check against ORT's own values."""
     import onnx

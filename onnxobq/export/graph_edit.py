@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from ..graph.layers import constant_holder
 from ..solve import QuantizedLayer
 from .opset import FP16_SCALE_OPSET, INT4_MIN_OPSET
 
@@ -38,17 +39,6 @@ def fresh_name(graph: gs.Graph, base: str, taken: set) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
-
-
-def constant_holder(tensor) -> gs.Constant | None:
-    """The gs.Constant that holds a weight or bias value: the initializer itself, or the
-    ``value`` attribute of the Constant node that produces it."""
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    if tensor.inputs and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        return value if isinstance(value, gs.Constant) else None
-    return None
 
 
 def set_bias(graph: gs.Graph, node: gs.Node, q: QuantizedLayer, taken: set) -> None:

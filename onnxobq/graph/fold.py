@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .layers import QUANTIZABLE_OPS, LayerScan, scan_layers
+from .layers import QUANTIZABLE_OPS, LayerScan, constant_holder, scan_layers
 
 # Never folded: the weight is already quantized, or its value is drawn at random.
 NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -105,30 +105,23 @@ def weight_subgraph(tensor: gs.Tensor, graph_outputs: set[str]) -> list[gs.Node]
 
 
 def _constant_size(tensor: gs.Tensor) -> int | None:
-    """The element count of an initializer or a Constant node's output (without loading its
+    """The element count of an initializer or a Constant node's ``value`` (without loading its
     values); None for any other tensor."""
-    if isinstance(tensor, gs.Constant):
-        return math.prod(tensor.shape)
-    if not tensor.inputs or tensor.inputs[0].op != "Constant":
-        return None
-    attrs = tensor.inputs[0].attrs
-    if isinstance(attrs.get("value"), gs.Constant):
-        return math.prod(attrs["value"].shape)
-    if "value_float" in attrs or "value_int" in attrs:
-        return 1
-    listed = attrs.get("value_floats", attrs.get("value_ints"))
-    return None if listed is None else len(listed)
+    holder = constant_holder(tensor)
+    return None if holder is None else math.prod(holder.shape)
 
 
-def _type_float_constants(graph: gs.Graph) -> None:
-    """Give every Constant node with a value_float(s) attribute the same values as a float32
-    ``value`` tensor, in place. fold_constants turns every Constant node of the graph into a
-    constant tensor first, and makes those attributes float64 ones (onnx-graphsurgeon 0.6.1),
-    which would leave nodes with inputs of two float types."""
+def _typed_constants(graph: gs.Graph) -> None:
+    """Give every Constant node with a value_float(s) or value_int(s) attribute the same values
+    as a ``value`` tensor (float32, int64), in place, so that each constant has one holder.
+    fold_constants would otherwise make those floats float64 (onnx-graphsurgeon 0.6.1), which
+    would leave nodes with inputs of two float types."""
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
     for node in graph.nodes:
-        if node.op == "Constant" and node.outputs and {"value_float", "value_floats"} & set(node.attrs):
-            values = node.attrs.get("value_float", node.attrs.get("value_floats"))
-            node.attrs = {"value": gs.Constant(node.outputs[0].name + "_value", np.array(values, np.float32))}
+        kind = next((k for k in kinds if k in node.attrs), None)
+        if node.op == "Constant" and node.outputs and kind is not None:
+            values = np.array(node.attrs[kind], kinds[kind])
+            node.attrs = {"value": gs.Constant(node.outputs[0].name + "_value", values)}
 
 
 def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
@@ -143,6 +136,7 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
         Folded; its model is a new ModelProto where something was folded, with the input's IR
         version, producer and metadata, and the input itself (with ``graph``) otherwise.
     """
+    _typed_constants(graph)
     subgraphs, biases, outputs = {}, {}, {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op in QUANTIZABLE_OPS and len(node.inputs) > 1 and node.inputs[1].name:
@@ -155,7 +149,6 @@ def fold_weights(model: onnx.ModelProto, graph: gs.Graph) -> Folded:
                     biases[bias.name] = nodes
     if not subgraphs:
         return Folded(model, graph)
-    _type_float_constants(graph)
     # fold_constants decides on a copy of the graph: its nodes are known by their output names
     foldable = {t.name for nodes in [*subgraphs.values(), *biases.values()] for n in nodes for t in n.outputs}
     try:

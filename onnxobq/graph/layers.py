@@ -49,9 +49,10 @@ class Layer:
         conv: im2col geometry for a Conv, else None.
         bias: the bias tensor's name (Conv input 3, Gemm C), or None.
         uses: (name, input, output) of the other nodes that share this weight (same op and
-            attributes, the weight as their second input, all in the main graph;
-            RetinaNet-style detection heads run one conv on every pyramid level). The weight is solved once on the sum of
-            every use's X^T X; ``name``, ``input`` and ``output`` are those of the first.
+            attributes, the weight as their second input, all in the main graph; RetinaNet-style
+            detection heads run one conv on every pyramid level). The weight is solved once on
+            the sum of every use's X^T X; ``name``, ``input`` and ``output`` are those of the
+            first.
     """
 
     name: str
@@ -109,6 +110,17 @@ class LayerScan:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def constant_holder(tensor) -> gs.Constant | None:
+    """The gs.Constant that holds a weight or bias value: the initializer itself, or the
+    ``value`` attribute of the Constant node that produces it."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    if tensor.inputs and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        return value if isinstance(value, gs.Constant) else None
+    return None
+
+
 def weight_values(tensor) -> tuple[np.ndarray | None, str]:
     """The constant value behind a weight tensor and where it lives.
 
@@ -116,14 +128,13 @@ def weight_values(tensor) -> tuple[np.ndarray | None, str]:
         (values, source) with source "initializer" or "Constant node"; (None, why) when
         the tensor is not a constant.
     """
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values), "initializer"
+    holder = constant_holder(tensor)
+    if holder is not None:
+        return np.asarray(holder.values), "initializer" if holder is tensor else "Constant node"
     producers = tensor.inputs
     if not producers:
         return None, "the weight is a graph input"
     node = producers[0]
-    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        return np.asarray(node.attrs["value"].values), "Constant node"
     if node.op == "DequantizeLinear":
         return None, "the weight is already quantized (DequantizeLinear)"
     return None, f"the weight is computed at run time (by a {node.op} node)"

@@ -140,6 +140,23 @@ def test_small_constants_shared_with_other_nodes_are_folded_in():
     np.testing.assert_array_equal(_run(folded, {"x": x})[0], _run(model, {"x": x})[0])
 
 
+def test_a_shape_from_a_value_ints_constant_node_shared_with_another_reshape_is_folded_in():
+    nodes = [helper.make_node("Constant", [], ["shape"], value_ints=[4, 3], name="c"),
+             helper.make_node("Reshape", ["wr", "shape"], ["w"], name="r"),
+             helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("Reshape", ["a", "shape"], ["y"], name="r2")]
+    model = _model(nodes, {"wr": W.T.reshape(-1).copy()}, [builders.fvi("x", [4, 4])], [builders.fvi("y", [4, 3])], 18)
+    folded, scan, notes = scan_folded(model)
+    assert [l.source for l in scan.layers] == ["folded Reshape"]
+    np.testing.assert_array_equal(scan.weights["mm"], W.T)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Reshape"]      # the Constant is one too
+    shape = next(i for i in folded.graph.initializer if i.name == "shape")
+    assert shape.data_type == onnx.TensorProto.INT64 and list(numpy_helper.to_array(shape)) == [4, 3]
+    onnx.checker.check_model(folded)
+    x = builders.rng(8).standard_normal((4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, {"x": x})[0], _run(model, {"x": x})[0])
+
+
 def test_a_subgraph_onnxruntime_cannot_run_leaves_the_layer_in_float_with_a_note(capfd):
     node = helper.make_node("Frobnicate", ["wt"], ["w"], domain="com.example", name="f")
     nodes = [node, helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
