@@ -29,6 +29,7 @@ from .calibration import CalibConfig, InputSpec, Replay, batch_size_for, batches
 from .errors import UserError
 from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
+from .quant.activations import AbsHistogram
 
 # Unfold at most this many elements at once (about 128 MB of float32).
 UNFOLD_ELEMENTS = 1 << 25
@@ -713,12 +714,15 @@ class Captured:
         waited: seconds the accumulation spent waiting for onnxruntime's forward passes
             (None where nothing was captured). Near the capture's time: onnxruntime bounds
             it; near zero: the Hessian products do.
+        ranges: a histogram of |x| of each layer input over the calibration data, by tensor
+            name (where the capture was asked for them), for activation quantization.
     """
 
     hessians: dict
     rows: dict
     samples: int
     waited: float | None = None
+    ranges: dict = field(default_factory=dict)
 
 
 def prefetch(items: Iterable, depth: int = 1) -> Iterator:
@@ -815,7 +819,8 @@ def merge_sums(parts: list[tuple]) -> tuple:
 
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
-                     pipeline_depth: int | None = None, sum_dtype: str = "float64") -> Captured:
+                     pipeline_depth: int | None = None, sum_dtype: str = "float64",
+                     ranges: bool = False) -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
     Args:
@@ -832,6 +837,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         sum_dtype: dtype of the running sums and of the Hessians: float64, or float32 where
             the solve runs in float32 anyway (a GPU), which halves their memory. Each batch's
             product is float32 either way.
+        ranges: also count each layer input's |x| (Captured.ranges), for activation
+            quantization.
 
     Returns:
         Captured: the Hessians (on ``xp``, in ``sum_dtype``) and their row counts by hessian_key.
@@ -845,6 +852,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     # and 6.5 s longer.
     sess = session(model, dtypes, device, spin=is_cupy(xp))
     names = list(dtypes)
+    hists = {use.input: AbsHistogram() for _, use in parts} if ranges else {}
     sums = {}
     for key, use in parts:
         sums.setdefault(key, HessianSum(dtype=sum_dtype, gather=gather_columns(use, xp)))
@@ -869,6 +877,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             feed, acts = item
             for key, use in parts:
                 accumulate(use, acts[use.input], sums[key], xp, upload, product)
+            for name, hist in hists.items():
+                hist.add(acts[name])
             n = feed_samples(feed)
             samples += n
             if on_batch:
@@ -880,4 +890,4 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     hessians, rows = {}, {}
     for key, keys in targets.items():
         hessians[key], rows[key] = merge_sums([done[k] for k in keys])
-    return Captured(hessians, rows, samples, waited)
+    return Captured(hessians, rows, samples, waited, hists)

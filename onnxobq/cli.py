@@ -12,6 +12,7 @@ from . import pipeline
 from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, ORDERS, PRECISIONS,
                      BNConfig, CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
 from .errors import UserError
+from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
 
 
 METHODS_WITHOUT_ORDER = {"rtn", "obq"}
@@ -235,6 +236,13 @@ def cli():
                    "fake: float weights on the grid, same graph.")
 @click.option("--opset", type=click.IntRange(7, 30), help="Convert the model to this opset first "
               "(qdq needs 13+; 21+ stores weights of 4 bits and below as INT4).")
+@click.option("--act-bits", type=click.Choice([str(b) for b in ACT_BITS]),
+              help="Also quantize each quantized layer's input activation: 8 = INT8, one scale per tensor, "
+                   "zero-point 0, as QuantizeLinear/DequantizeLinear before the layer (TensorRT's explicit "
+                   "INT8). Default: weights only.")
+@click.option("--act-calib", type=click.Choice(ACT_CALIBRATIONS), default="max", show_default=True,
+              help="How --act-bits sets each scale from the calibration data: max |x|; percentile: the "
+                   f"{PERCENTILE}th percentile of |x|; mse: the clipping point of least squared error.")
 @calib_options
 @click.option("--bn-reestimate/--no-bn-reestimate", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on the quantized model (kept only if the output error drops).")
@@ -266,19 +274,22 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, fmt, opset, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, layer_bits,
+             scale_search, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, layer_bits,
              device, precision,
              report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
                                  param_hint="--order")
+    if act_calib != "max" and act_bits is None:
+        raise click.BadParameter(f"--act-calib {act_calib} sets the scales of --act-bits; give --act-bits 8 "
+                                 "or drop --act-calib", param_hint="--act-calib")
     if narrow_range and not symmetric:
         raise click.BadParameter("--narrow-range needs a symmetric grid; drop --asymmetric",
                                  param_hint="--narrow-range")
     if output is None:
         stem = os.path.splitext(model)[0]
-        output = f"{stem}.w{bits}.{fmt}.onnx"
+        output = f"{stem}.w{bits}{'' if act_bits is None else 'a' + act_bits}.{fmt}.onnx"
     for option, path in (("--report", report_path), ("--save-hessians", save_hessians)):
         if path is not None:
             _check_side_file(path, option, model, output)
@@ -294,7 +305,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
                      samples=bn_samples),
         device=device, exclude=tuple(exclude), layer_bits=tuple(layer_bits), report=report_path,
-        hessians=hessians_path, save_hessians=save_hessians)
+        hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
+        act_calib=act_calib)
     report = pipeline.run(cfg, BarProgress(not quiet))
     if not quiet:
         click.echo(pipeline.layer_table(report))

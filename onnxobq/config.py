@@ -91,6 +91,11 @@ class QuantizeConfig:
         hessians: read the Hessians from this file (written by ``save_hessians``) instead
             of capturing them; ``calib`` is then needed only for BN re-estimation.
         save_hessians: also write the captured Hessians to this file.
+        act_bits: also quantize every quantized layer's input activation to this many bits
+            (8: INT8, one scale per tensor, zero-point 0), as QuantizeLinear/DequantizeLinear
+            before the layer; None: weights only.
+        act_calib: how each activation scale comes from the calibration data (see
+            quant.activations: "max", "percentile" or "mse").
     """
 
     model: str
@@ -106,6 +111,8 @@ class QuantizeConfig:
     report: str | None = None
     hessians: str | None = None
     save_hessians: str | None = None
+    act_bits: int | None = None
+    act_calib: str = "max"
 
 
 # Image pre-processing of common exporters; explicit options override a preset.

@@ -4,7 +4,8 @@ The Hessians depend only on the float model and the calibration data, not on the
 bit width, the method or the grid, so one capture can serve a whole sweep of
 settings (``--save-hessians`` once, then ``--hessians``). The file is an ``.npz``:
 one array per Hessian and its row count, and a JSON header with the model's
-digest and the calibration settings, which are checked on loading.
+digest and the calibration settings, which are checked on loading; and, where the capture
+counted them (--act-bits), each layer input's histogram of |x|.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .capture import Captured
 from .errors import UserError, cannot_read
 from .graph.io import external_data_files, write_atomically
 from .graph.layers import Layer
+from .quant.activations import HISTOGRAM_BINS, AbsHistogram
 
 # Version 2: the layers' keys name the other uses of a shared weight (Layer.uses), so the keys
 # of version-1 files no longer match any layer.
@@ -54,10 +56,14 @@ def save(path: str, captured: Captured, layers: list[Layer], model_path: str, ca
     header = {"format": FORMAT, "model": os.path.basename(model_path), "model_sha256": model_digest(model_path),
               "calib": calib_description(calib), "samples": captured.samples,
               "keys": [repr(k) for k in keys]}
+    ranges = list(captured.ranges.items())         # the layer inputs' |x| histograms, for --act-bits
+    header["ranges"] = [{"tensor": name, "top": h.top, "amax": h.amax} for name, h in ranges]
     arrays = {"header": np.array(json.dumps(header))}
     for i, key in enumerate(keys):
         arrays[f"h{i}"] = to_numpy(captured.hessians[key])
         arrays[f"rows{i}"] = np.array(captured.rows[key], dtype=np.int64)
+    for i, (_, hist) in enumerate(ranges):
+        arrays[f"act{i}"] = hist.counts
     write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
@@ -107,7 +113,24 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
                     raise UserError(f"--hessians {path}: damaged (the Hessian of layer {layer.name} is missing "
                                     f"or not {layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
                 hessians[key], rows[key] = xp.asarray(H), n
-    return Captured(hessians, rows, header["samples"])
+        ranges = _ranges(npz, header.get("ranges", []))
+        if ranges is None:
+            raise UserError(f"--hessians {path}: damaged (its activation ranges); {again}")
+    return Captured(hessians, rows, header["samples"], ranges=ranges)
+
+
+def _ranges(npz, listed) -> dict | None:
+    """The activation histograms of the file by tensor name; None if they are damaged."""
+    ranges = {}
+    try:
+        for i, item in enumerate(listed):
+            counts = npz[f"act{i}"]
+            if counts.shape != (HISTOGRAM_BINS,) or not np.issubdtype(counts.dtype, np.integer):
+                return None
+            ranges[str(item["tensor"])] = AbsHistogram(counts.astype(np.int64), float(item["top"]), float(item["amax"]))
+    except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile):
+        return None
+    return ranges
 
 
 def _arrays(npz, i: int, layer: Layer):

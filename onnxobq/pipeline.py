@@ -20,6 +20,7 @@ from .graph import check_output_path, load_model, save_model, scan_folded, store
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
 from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
+from .quant.activations import activation_scales
 from .solvers import METHODS
 
 
@@ -37,7 +38,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     stages: dict[str, float] = {}
     with _stage(stages, "load"):
         check_output_path(cfg.model, cfg.output)
-        model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset))
+        model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset,
+                                                             activations=cfg.act_bits is not None))
         external = stored_externally(cfg.model)
         scan = exclude(found, cfg.exclude)
         _check_inputs(cfg, scan)
@@ -52,11 +54,13 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         with _stage(stages, "capture"):
             progress.start("calibration", _planned(cfg, model))
             captured = capture_hessians(model, scan.layers, calib, xp, cfg.device, progress.advance,
-                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name)
+                                        sum_dtype=xp.dtype(working_dtype(cfg.solve.precision, xp)).name,
+                                        ranges=cfg.act_bits is not None)
             progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
             save_hessians(cfg.save_hessians, captured, scan.layers, cfg.model, cfg.calib)
+    act_scales, act_notes = _activation_scales(cfg, scan, captured)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(scan, captured, cfg, xp, progress)
     samples = captured.samples
@@ -73,14 +77,15 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     else:
         edits = ()
     with _stage(stages, "export"):
-        out = build_model(model, qlayers, cfg.format, opset, symmetric, edits)
+        out = build_model(model, qlayers, cfg.format, opset, symmetric, edits, act_scales)
         written = save_model(out, cfg.output, external=True if external else None)
     report = RunReport(settings=_settings(cfg, opset), layers=stats, skipped=scan.skipped,
                        stages=stages, samples=samples, device=device_name(xp),
                        storage=_storage(cfg, opset, [q.bits for q in qlayers]),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                       notes=fold_notes + [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
+                       activations=_activation_summary(cfg, scan, act_scales),
+                       notes=fold_notes + act_notes + [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
                                            for option, patterns in (("--exclude", cfg.exclude),
                                                                     ("--layer-bits", [g for g, _ in cfg.layer_bits]))
                                            for p in unmatched(found, patterns)])
@@ -92,6 +97,25 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                 os.unlink(path)
             raise
     return report
+
+
+def _activation_scales(cfg: QuantizeConfig, scan: LayerScan, captured: Captured) -> tuple[dict, list[str]]:
+    """The INT8 scales of the layers' inputs (--act-bits) from the captured ranges, and notes."""
+    if cfg.act_bits is None:
+        return {}, []
+    needed = list(dict.fromkeys(use.input for layer in scan.layers for use in layer.each_use()))
+    if set(needed) - set(captured.ranges):     # a --hessians file saved without --act-bits
+        raise UserError(f"--hessians {cfg.hessians}: saved without the activation ranges that --act-bits "
+                        "needs; capture them again with --act-bits and --save-hessians")
+    return activation_scales({name: captured.ranges[name] for name in needed}, cfg.act_bits, cfg.act_calib)
+
+
+def _activation_summary(cfg: QuantizeConfig, scan: LayerScan, scales: dict) -> dict:
+    if cfg.act_bits is None:
+        return {"enabled": False}
+    inputs = sum(use.input in scales for layer in scan.layers for use in layer.each_use())
+    return {"enabled": True, "bits": cfg.act_bits, "calibration": cfg.act_calib, "layer_inputs": inputs,
+            "tensors": len(scales), "scales": scales}
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):
@@ -179,6 +203,9 @@ def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if method.uses_hessian and cfg.calib is None and cfg.hessians is None:
         raise UserError(f"--method {cfg.solve.method} needs calibration data: give --calib FOLDER|FILE, "
                         "or --calib random for a smoke run")
+    if cfg.act_bits is not None and cfg.calib is None and cfg.hessians is None:
+        raise UserError(f"--act-bits {cfg.act_bits} needs calibration data for the activations' ranges: "
+                        "give --calib FOLDER|FILE, or --calib random for a smoke run")
     if cfg.calib is not None:
         source_kind(cfg.calib)      # options for another kind of source fail now, not after a --hessians solve
 

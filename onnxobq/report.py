@@ -28,6 +28,7 @@ class RunReport:
     bn: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     capture_waited: float | None = None
+    activations: dict = field(default_factory=dict)    # --act-bits: what was quantized, the scales
     notes: list[str] = field(default_factory=list)     # about the run as a whole
 
     def to_dict(self) -> dict:
@@ -43,6 +44,7 @@ class RunReport:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
             "bn": self.bn,
+            "activations": self.activations,
             "outputs": self.outputs,
             "notes": self.notes,
             "layers": [asdict(s) for s in self.layers],
@@ -128,6 +130,11 @@ def summary_lines(report: RunReport) -> list[str]:
     for k in report.skipped:
         out.append(f"skipped: {k.name} ({k.op}): {k.reason}")
     out.extend(bn_lines(report.bn, report.samples))
+    act = report.activations
+    if act.get("enabled"):
+        out.append(f"activations: INT{act['bits']} QuantizeLinear/DequantizeLinear on {act['layer_inputs']} layer "
+                   f"inputs ({act['tensors']} tensors), one scale per tensor ({act['calibration']} calibration "
+                   f"over the {report.samples} calibration samples)")
     out.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.stages.items()) +
                f"; total {sum(report.stages.values()):.2f}s" +
                ("" if report.capture_waited is None else

@@ -80,11 +80,8 @@ def insert_dequantize(graph: gs.Graph, nodes: list[gs.Node], q: QuantizedLayer, 
                                inputs=[codes, scale, zero], outputs=[out],
                                attrs={"axis": q.layer.channel_axis}))
     if not direct:  # DequantizeLinear gives float32 before opset 19: cast to the weight's type
-        cast = gs.Variable(fresh_name(graph, w + "_dequantized_cast", taken), dtype=dtype,
-                           shape=list(q.layer.shape))
-        graph.nodes.append(gs.Node("Cast", name=fresh_name(graph, w + "_Cast", taken), inputs=[out],
-                                   outputs=[cast], attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}))
-        out = cast
+        out = _cast(graph, out, dtype, fresh_name(graph, w + "_dequantized_cast", taken),
+                    fresh_name(graph, w + "_Cast", taken))
     for node in nodes:
         node.inputs[1] = out
 
@@ -110,6 +107,50 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
         else:
             nodes = [node] + [node_of(graph, use) for use in q.layer.each_use()[1:]]
             insert_dequantize(graph, nodes, q, storage_type(q.bits, symmetric, opset), opset, taken)
+
+
+def insert_activation_qdq(graph: gs.Graph, qlayers: list[QuantizedLayer], scales: dict[str, float],
+                          opset: int, taken: set) -> int:
+    """Feed each quantized layer (every node sharing its weight) its input through one
+    QuantizeLinear -> DequantizeLinear pair per tensor: INT8, the tensor's scale, zero-point 0.
+    Other nodes reading the tensor keep the float one. Returns the number of tensors."""
+    readers: dict[str, list] = {}
+    for q in qlayers:
+        for use in q.layer.each_use():
+            if use.input in scales:
+                readers.setdefault(use.input, []).append((node_of(graph, use), np.dtype(use.dtype)))
+    tensors = graph.tensors()
+    for name, nodes in readers.items():
+        x = tensors[name]
+        dtype = np.dtype(x.dtype) if x.dtype is not None else nodes[0][1]
+        direct = dtype == np.float32 or opset >= FP16_SCALE_OPSET
+        if not direct:     # QuantizeLinear takes float32 only before opset 19
+            x = _cast(graph, x, np.float32, fresh_name(graph, name + "_act_float", taken),
+                      fresh_name(graph, name + "_act_Cast", taken))
+        scale = gs.Constant(fresh_name(graph, name + "_act_scale", taken),
+                            np.array(scales[name], dtype if direct else np.float32))
+        zero = gs.Constant(fresh_name(graph, name + "_act_zero_point", taken), np.array(0, np.int8))
+        codes = gs.Variable(fresh_name(graph, name + "_act_quantized", taken), dtype=np.int8, shape=x.shape)
+        out = gs.Variable(fresh_name(graph, name + "_act_dequantized", taken),
+                          dtype=dtype if direct else np.float32, shape=x.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", name=fresh_name(graph, name + "_QuantizeLinear", taken),
+                                   inputs=[x, scale, zero], outputs=[codes]))
+        graph.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(graph, name + "_DequantizeLinear", taken),
+                                   inputs=[codes, scale, zero], outputs=[out]))
+        if not direct:
+            out = _cast(graph, out, dtype, fresh_name(graph, name + "_act_dequantized_cast", taken),
+                        fresh_name(graph, name + "_act_dequantized_Cast", taken))
+        for node, _ in nodes:
+            node.inputs[0] = out
+    return len(readers)
+
+
+def _cast(graph: gs.Graph, x, dtype, name: str, node_name: str) -> gs.Variable:
+    """Append Cast(x) to ``dtype`` as tensor ``name``, by node ``node_name``; returns the tensor."""
+    out = gs.Variable(name, dtype=dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Cast", name=node_name, inputs=[x], outputs=[out],
+                               attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}))
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,7 +189,7 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
 
 
 def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str, opset: int,
-                symmetric: bool = True, bn_edits: tuple = ()) -> onnx.ModelProto:
+                symmetric: bool = True, bn_edits: tuple = (), act_scales: dict | None = None) -> onnx.ModelProto:
     """The float model with quantized weights (and BN edits) written in.
 
     Args:
@@ -158,12 +199,16 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
         opset: the model's opset.
         symmetric: signed (True) or unsigned integer storage.
         bn_edits: BNEdit values to apply after the weights.
+        act_scales: INT8 scales of the layers' input activations by tensor name, quantized
+            with QuantizeLinear/DequantizeLinear before the layers (None: weights only).
 
     Returns:
         A new ModelProto.
     """
     graph = gs.import_onnx(model)
     apply_quantized(graph, qlayers, fmt, opset, symmetric)
+    if act_scales:
+        insert_activation_qdq(graph, qlayers, act_scales, opset, set())
     for edit in bn_edits:
         apply_bn_edit(graph, edit)
     graph.cleanup().toposort()

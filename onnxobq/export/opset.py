@@ -19,13 +19,16 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.ModelProto:
+def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
+                  activations: bool = False) -> onnx.ModelProto:
     """Convert the model to the opset the output needs.
 
     Args:
         model: the loaded model.
         fmt: "qdq" needs opset 13 or later for per-channel DequantizeLinear; "fake" needs nothing.
         wanted: an explicit --opset, or None.
+        activations: the output quantizes activations too (QuantizeLinear, opset 13 or later
+            in either format).
 
     Returns:
         The model itself, or a converted copy.
@@ -46,7 +49,11 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.
     if fmt == "qdq" and wanted is not None and wanted < QDQ_MIN_OPSET:
         raise UserError(f"--opset {wanted}: QDQ weights need opset {QDQ_MIN_OPSET} or later (per-channel "
                         f"DequantizeLinear); give --opset {QDQ_MIN_OPSET} or later, or --format fake")
-    if fmt == "qdq":
+    if activations and wanted is not None and wanted < QDQ_MIN_OPSET:
+        raise UserError(f"--opset {wanted}: --act-bits needs opset {QDQ_MIN_OPSET} or later "
+                        f"(QuantizeLinear on the activations); give --opset {QDQ_MIN_OPSET} or later, "
+                        "or drop --act-bits")
+    if fmt == "qdq" or activations:
         target = max(target, QDQ_MIN_OPSET)
     if target == current:
         return model
@@ -55,6 +62,7 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None) -> onnx.
         onnx.checker.check_model(converted)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        fix = "--format fake without --act-bits" if activations else "--format fake"
         raise UserError(f"cannot convert the model from opset {current} to {target} ({first}); "
-                        "use --format fake, which keeps the opset") from None
+                        f"use {fix}, which keeps the opset") from None
     return converted

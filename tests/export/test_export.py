@@ -111,3 +111,30 @@ def test_a_model_that_imports_a_non_standard_domain_is_exported():
     out = build_model(m, qlayers, "qdq", 13, True)
     assert {(o.domain, o.version) for o in out.opset_import} >= {("com.microsoft", 1), ("my.ops", 3), ("", 13)}
     assert out.ir_version == max(m.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", 13)]))
+
+
+@pytest.mark.parametrize("opset", [13, 19])
+def test_float16_activations_are_quantized_in_float32_before_opset_19(opset):
+    model = linear_model(np.float16, opset=opset)
+    q = quantized(model, bits=8)
+    out = build_model(model, q, "fake", opset, True, act_scales={"x": 0.02, "m2": 0.05})
+    onnx.checker.check_model(out)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 2
+    assert ops.count("Cast") == (4 if opset < 19 else 0)       # to float32 and back, per tensor
+    scales = [numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith("_act_scale")]
+    assert [s.dtype for s in scales] == [np.dtype(np.float32 if opset < 19 else np.float16)] * 2
+    x = np.random.default_rng(3).standard_normal((2, 5, 6)).astype(np.float16)
+    xq = np.clip(np.rint(x.astype(np.float32) / np.float32(scales[0])), -128, 127) * np.float32(scales[0])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    fed = next(n for n in out.graph.node if n.name == "mm").input[0]
+    probe.graph.output.append(helper.make_tensor_value_info(fed, TensorProto.FLOAT16, None))
+    np.testing.assert_array_equal(builders.run(probe, {"x": x})[1], xq.astype(np.float16))
+
+
+def test_activations_need_opset_13():
+    m = builders.conv_stack(opset=11)
+    assert [o.version for o in prepare_opset(m, "fake", None, activations=True).opset_import if o.domain == ""] == [13]
+    with pytest.raises(UserError, match="^--opset 12: --act-bits needs opset 13 or later"):
+        prepare_opset(m, "fake", 12, activations=True)
