@@ -274,10 +274,9 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples, exclude, layer_bits,
-             device, precision,
-             report_path, save_hessians, hessians_path, quiet, **calib_kw):
-    """Quantize the weights of every Conv, Gemm and MatMul of MODEL."""
+             scale_search, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
+             exclude, layer_bits, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
+    """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
                                  param_hint="--order")

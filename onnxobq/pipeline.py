@@ -19,8 +19,8 @@ from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_folded, stored_externally
 from .graph.layers import LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
-from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
 from .quant.activations import activation_scales
+from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
 from .solvers import METHODS
 
 
@@ -85,10 +85,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
                        activations=_activation_summary(cfg, scan, act_scales),
-                       notes=fold_notes + act_notes + [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
-                                           for option, patterns in (("--exclude", cfg.exclude),
-                                                                    ("--layer-bits", [g for g, _ in cfg.layer_bits]))
-                                           for p in unmatched(found, patterns)])
+                       notes=fold_notes + act_notes + _unmatched_notes(cfg, found))
     if cfg.report:
         try:
             write_json(report, cfg.report)
@@ -97,6 +94,12 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                 os.unlink(path)
             raise
     return report
+
+
+def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan) -> list[str]:
+    return [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
+            for option, patterns in (("--exclude", cfg.exclude), ("--layer-bits", [g for g, _ in cfg.layer_bits]))
+            for p in unmatched(found, patterns)]
 
 
 def _activation_scales(cfg: QuantizeConfig, scan: LayerScan, captured: Captured) -> tuple[dict, list[str]]:

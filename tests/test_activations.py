@@ -102,7 +102,8 @@ def _gemm_model():
              helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2"),
              helper.make_node("Add", ["a", "a"], ["z"], name="other")]
     w2 = (r.standard_normal((5, 3)) * 0.5).astype(np.float32)
-    return builders.make_model(nodes, [builders.fvi("x", [None, 6])], [builders.fvi("y", [None, 3]), builders.fvi("z", [None, 5])],
+    return builders.make_model(nodes, [builders.fvi("x", [None, 6])],
+                               [builders.fvi("y", [None, 3]), builders.fvi("z", [None, 5])],
                                [numpy_helper.from_array(v, k) for k, v in (("w", w), ("b", b), ("w2", w2))])
 
 
