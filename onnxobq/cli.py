@@ -240,9 +240,9 @@ def cli():
               help="Also quantize each quantized layer's input activation: 8 = INT8, one scale per tensor, "
                    "zero-point 0, as QuantizeLinear/DequantizeLinear before the layer (TensorRT's explicit "
                    "INT8). Default: weights only.")
-@click.option("--act-calib", type=click.Choice(ACT_CALIBRATIONS), default="max", show_default=True,
-              help="How --act-bits sets each scale from the calibration data: max |x|; percentile: the "
-                   f"{PERCENTILE}th percentile of |x|; mse: the clipping point of least squared error.")
+@click.option("--act-calib", type=click.Choice(ACT_CALIBRATIONS),
+              help="How --act-bits sets each scale from the calibration data: mse (default): the clipping point "
+                   f"of least squared error; max: max |x|; percentile: the {PERCENTILE}th percentile of |x|.")
 @calib_options
 @click.option("--bn-reestimate/--no-bn-reestimate", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on the quantized model (kept only if the output error drops).")
@@ -280,7 +280,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
                                  param_hint="--order")
-    if act_calib != "max" and act_bits is None:
+    if act_calib is not None and act_bits is None:
         raise click.BadParameter(f"--act-calib {act_calib} sets the scales of --act-bits; give --act-bits 8 "
                                  "or drop --act-calib", param_hint="--act-calib")
     if narrow_range and not symmetric:
@@ -305,7 +305,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
                      samples=bn_samples),
         device=device, exclude=tuple(exclude), layer_bits=tuple(layer_bits), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
-        act_calib=act_calib)
+        act_calib=act_calib or "mse")
     report = pipeline.run(cfg, BarProgress(not quiet))
     if not quiet:
         click.echo(pipeline.layer_table(report))

@@ -112,7 +112,7 @@ class QuantizeConfig:
     hessians: str | None = None
     save_hessians: str | None = None
     act_bits: int | None = None
-    act_calib: str = "max"
+    act_calib: str = "mse"
 
 
 # Image pre-processing of common exporters; explicit options override a preset.

@@ -112,7 +112,7 @@ def test_quantize_writes_int8_qdq_on_each_layer_input_and_runs_as_the_numpy_refe
     onnx.save(model, tmp_path / "m.onnx")
     x = builders.rng(4).standard_normal((32, 6)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    code = main(["quantize", str(tmp_path / "m.onnx"), "--bits", "8", "--act-bits", "8",
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--bits", "8", "--act-bits", "8", "--act-calib", "max",
                  "--calib", str(tmp_path / "c.npz"), "--no-bn-reestimate", "--format", "fake"])
     out = capsys.readouterr().out
     assert code == 0 and "m.w8a8.fake.onnx" in out
@@ -148,7 +148,7 @@ def test_quantize_writes_int8_qdq_on_each_layer_input_and_runs_as_the_numpy_refe
 def test_a_tensor_read_by_several_layers_gets_one_pair(tmp_path, capsys):
     onnx.save(builders.shared_head(), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=builders.rng(6).standard_normal((8, 3, 12, 12)).astype(np.float32))
-    code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--act-calib", "mse",
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--act-calib", "max",
                  "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "q.onnx"), "-q", "--no-bn-reestimate"])
     assert code == 0
     q = onnx.load(tmp_path / "q.onnx")
@@ -162,7 +162,7 @@ def test_a_tensor_read_by_several_layers_gets_one_pair(tmp_path, capsys):
     main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", str(tmp_path / "c.npz"),
           "-o", str(tmp_path / "q2.onnx"), "--no-bn-reestimate"])
     assert ("activations: INT8 QuantizeLinear/DequantizeLinear on 5 layer inputs (3 tensors), one scale per "
-            "tensor (max calibration over the 8 calibration samples)") in capsys.readouterr().out
+            "tensor (mse calibration over the 8 calibration samples)") in capsys.readouterr().out
 
 
 def test_saved_hessians_carry_the_ranges(tmp_path, capsys):

@@ -3,10 +3,10 @@ TensorRT builds it: a QuantizeLinear/DequantizeLinear pair with zero-point 0 on 
 
 The capture keeps, for each layer input, a histogram of |x| over the calibration data
 (AbsHistogram); the scale comes from it by one of ACT_CALIBRATIONS:
+- ``mse`` (the default): the clipping point that minimises the expected squared error of the
+  codes, rounding within the range and clipping beyond it, over the histogram;
 - ``max``: the largest |x|, so nothing is clipped;
-- ``percentile``: the PERCENTILE-th percentile of |x|, clipping the rest;
-- ``mse``: the clipping point that minimises the expected squared error of the codes, rounding
-  within the range and clipping beyond it, over the histogram.
+- ``percentile``: the PERCENTILE-th percentile of |x|, clipping the rest.
 """
 from __future__ import annotations
 
