@@ -76,6 +76,20 @@ def test_capture_hessians_match(cp, tmp_path):
         np.testing.assert_allclose(to_numpy(got32[key]), ref[key], rtol=1e-4, atol=1e-5)
 
 
+def test_activation_ranges_on_a_gpu_capture_match_numpy(cp, tmp_path):
+    """The |x| histograms are counted on the host either way: the same counts, range and max."""
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(5).standard_normal((6, 3, 12, 12)).astype(np.float32))
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=4)
+    ref = capture_hessians(model, layers, calib, np, ranges=True).ranges
+    got = capture_hessians(model, layers, calib, cp, sum_dtype="float32", ranges=True).ranges
+    assert list(got) == list(ref) == ["x", "r1", "r2", "f"]
+    for name in ref:
+        assert (got[name].top, got[name].amax) == (ref[name].top, ref[name].amax)
+        np.testing.assert_array_equal(got[name].counts, ref[name].counts)
+
+
 def test_cli_cuda_matches_cpu(cp, tmp_path, capsys):
     onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
     x = np.random.default_rng(4).standard_normal((16, 3, 12, 12)).astype(np.float32)
