@@ -110,19 +110,21 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
 
 
 def insert_activation_qdq(graph: gs.Graph, qlayers: list[QuantizedLayer], scales: dict[str, float],
-                          opset: int, taken: set) -> int:
+                          opset: int, taken: set) -> None:
     """Feed each quantized layer (every node sharing its weight) its input through one
     QuantizeLinear -> DequantizeLinear pair per tensor: INT8, the tensor's scale, zero-point 0.
-    Other nodes reading the tensor keep the float one. Returns the number of tensors."""
+    Other nodes reading the tensor keep the float one."""
     readers: dict[str, list] = {}
+    dtypes: dict[str, np.dtype] = {}     # where the graph does not know a tensor's type: the layer's
     for q in qlayers:
         for use in q.layer.each_use():
             if use.input in scales:
-                readers.setdefault(use.input, []).append((node_of(graph, use), np.dtype(use.dtype)))
+                readers.setdefault(use.input, []).append(node_of(graph, use))
+                dtypes.setdefault(use.input, np.dtype(use.dtype))
     tensors = graph.tensors()
     for name, nodes in readers.items():
         x = tensors[name]
-        dtype = np.dtype(x.dtype) if x.dtype is not None else nodes[0][1]
+        dtype = np.dtype(x.dtype) if x.dtype is not None else dtypes[name]
         direct = dtype == np.float32 or opset >= FP16_SCALE_OPSET
         if not direct:     # QuantizeLinear takes float32 only before opset 19
             x = _cast(graph, x, np.float32, fresh_name(graph, name + "_act_float", taken),
@@ -140,9 +142,8 @@ def insert_activation_qdq(graph: gs.Graph, qlayers: list[QuantizedLayer], scales
         if not direct:
             out = _cast(graph, out, dtype, fresh_name(graph, name + "_act_dequantized_cast", taken),
                         fresh_name(graph, name + "_act_dequantized_Cast", taken))
-        for node, _ in nodes:
+        for node in nodes:
             node.inputs[0] = out
-    return len(readers)
 
 
 def _cast(graph: gs.Graph, x, dtype, name: str, node_name: str) -> gs.Variable:
