@@ -380,13 +380,14 @@ def _fold(q: QuantizedLayer, bias: np.ndarray, a: np.ndarray, t: np.ndarray) -> 
     Returns None when a negative factor would push codes off the grid (a symmetric
     full-range channel with a code at qmin cannot be negated).
     """
-    codes, zero, scale = q.codes, q.zero, q.scale * a
+    rows = a.reshape(a.shape + (1,) * (q.scale.ndim - 1))     # (O, 1) against a scale per group
+    codes, zero, scale = q.codes, q.zero, q.scale * rows
     neg = a < 0
     if neg.any():
         flip = neg.reshape(q.channel_shape())
         if -q.qmin > q.qmax and (np.where(flip, codes, q.qmax) == q.qmin).any():
             return None
-        codes, zero, scale = np.where(flip, -codes, codes), np.where(neg, -zero, zero), np.abs(scale)
+        codes, zero, scale = np.where(flip, -codes, codes), np.where(rows < 0, -zero, zero), np.abs(scale)
     return dataclasses.replace(q, codes=codes, zero=zero, scale=scale, bias=bias * a + t)
 
 

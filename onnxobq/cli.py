@@ -231,6 +231,9 @@ def cli():
 @click.option("--narrow-range", is_flag=True, help="Signed range without its most negative code, e.g. [-127, 127].")
 @click.option("--scale-search", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
               help="Per-channel scale from the range, or OBQ's search over shrunk ranges.")
+@click.option("--group-size", type=click.IntRange(min=1), metavar="N",
+              help="One scale per N consecutive inputs of each output channel (GPTQ's groups; in QDQ, "
+                   "DequantizeLinear's block_size, opset 21). Default: one scale per output channel.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: integer weights + DequantizeLinear (TensorRT, onnxruntime); "
                    "fake: float weights on the grid, same graph.")
@@ -274,7 +277,7 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
+             scale_search, group_size, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
              exclude, layer_bits, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
@@ -288,7 +291,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
                                  param_hint="--narrow-range")
     if output is None:
         stem = os.path.splitext(model)[0]
-        output = f"{stem}.w{bits}{'' if act_bits is None else 'a' + act_bits}.{fmt}.onnx"
+        groups = "" if group_size is None else f"g{group_size}"
+        output = f"{stem}.w{bits}{groups}{'' if act_bits is None else 'a' + act_bits}.{fmt}.onnx"
     for option, path in (("--report", report_path), ("--save-hessians", save_hessians)):
         if path is not None:
             _check_side_file(path, option, model, output)
@@ -298,7 +302,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         model=model, output=output, calib=calib_config(calib_kw),
         solve=SolveConfig(method=method, order=order, block=block,
                           damp=Damping(damp, relative=damp_mode == "relative"),
-                          grid=GridSpec(bits=bits, symmetric=symmetric, narrow=narrow_range, search=scale_search),
+                          grid=GridSpec(bits=bits, symmetric=symmetric, narrow=narrow_range, search=scale_search,
+                                       group_size=group_size or 0),
                           precision=precision),
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,

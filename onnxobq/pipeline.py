@@ -39,7 +39,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     with _stage(stages, "load"):
         check_output_path(cfg.model, cfg.output)
         model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset,
-                                                             activations=cfg.act_bits is not None))
+                                                             activations=cfg.act_bits is not None,
+                                                             grouped=cfg.solve.grid.group_size > 0))
         external = stored_externally(cfg.model)
         scan = exclude(found, cfg.exclude)
         _check_inputs(cfg, scan)
@@ -244,7 +245,8 @@ def _storage(cfg: QuantizeConfig, opset: int, bits: list[int]) -> str:
         parts.append(f"{kind} weights holding {b}-bit codes{count}")
         small_in_8 |= b <= 4 and kind.endswith("8")
     which = "them" if len(counts) == 1 else "those of 4 bits and below"
-    return ", ".join(parts) + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
+    groups = f", one scale per {cfg.solve.grid.group_size} inputs" if cfg.solve.grid.group_size else ""
+    return ", ".join(parts) + groups + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
 
 
 def _gpu_peak(xp) -> float | None:

@@ -25,9 +25,12 @@ class QuantizedLayer:
     Attributes:
         layer: the layer.
         codes: integer grid codes (int32), shaped like the stored weight.
-        scale: per output channel (O,), float64; zero: per output channel (O,), int32.
+        scale: per output channel (O,), float64; zero: per output channel (O,), int32. With
+            ``group_size`` B > 0, one per output channel and group of B columns (O, ceil(C / B)),
+            the columns being those of the solver's matrix (``graph.layers.to_matrix``).
         qmin, qmax: the integer range; bits: the bit width.
         bias: a replacement bias (O,) set by BN folding or correction, else None.
+        group_size: the grid's group size (0: one scale per output channel).
     """
 
     layer: Layer
@@ -38,12 +41,21 @@ class QuantizedLayer:
     qmax: int
     bits: int
     bias: np.ndarray | None = None
+    group_size: int = 0
 
     def channel_shape(self) -> tuple[int, ...]:
         """Shape that broadcasts a per-channel vector against the stored weight."""
         shape = [1] * len(self.layer.shape)
         shape[self.layer.channel_axis] = -1
         return tuple(shape)
+
+    def per_weight(self, values: np.ndarray) -> np.ndarray:
+        """Per-channel (O,) or per-group (O, n) values broadcast against the stored weight."""
+        if not self.group_size:
+            return values.reshape(self.channel_shape())
+        layer = self.layer
+        m = np.repeat(values.reshape(layer.groups, layer.rows, -1), self.group_size, axis=-1)[..., :layer.cols]
+        return from_matrix(layer, m)
 
     def stored_scale(self) -> np.ndarray:
         """The scale as the model stores it: in the weight's dtype (DequantizeLinear's output type)."""
@@ -52,10 +64,9 @@ class QuantizedLayer:
     def weight(self) -> np.ndarray:
         """The dequantized weight in the layer's dtype, computed as DequantizeLinear does
         (in float32 for a float32 or float16 weight, then rounded to the weight's dtype)."""
-        cs = self.channel_shape()
         work = np.float64 if np.dtype(self.layer.dtype) == np.float64 else np.float32
-        diff = (self.codes - self.zero.reshape(cs)).astype(work)
-        return (diff * self.stored_scale().astype(work).reshape(cs)).astype(self.layer.dtype)
+        diff = (self.codes - self.per_weight(self.zero)).astype(work)
+        return (diff * self.per_weight(self.stored_scale().astype(work))).astype(self.layer.dtype)
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,9 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
                 figures = [weighted_norms(d(), Hw, xp) for d in diffs]
         den, num, rtn_num = figures
     codes, scale, zero = to_numpy(res.codes), to_numpy(res.scale), to_numpy(res.zero)
+    B = grid.group_size
+    if B:       # per column, equal within each group: one per group
+        scale, zero = scale[..., ::B], zero[..., ::B]
     out, g0, total = [], 0, W.shape[0]
     for layer, n_rows in zip(layers, rows):
         g = slice(g0, g0 + layer.groups)
@@ -206,9 +220,9 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
         lam = res.damp[g][np.isfinite(res.damp[g])]
         q = QuantizedLayer(layer=layer,
                            codes=from_matrix(layer, codes[g]).astype(np.int32),
-                           scale=scale[g].reshape(-1).astype(np.float64),
-                           zero=zero[g].reshape(-1).astype(np.int32),
-                           qmin=grid.qmin, qmax=grid.qmax, bits=cfg.grid.bits)
+                           scale=_channels(scale[g], B).astype(np.float64),
+                           zero=_channels(zero[g], B).astype(np.int32),
+                           qmin=grid.qmin, qmax=grid.qmax, bits=cfg.grid.bits, group_size=B)
         stats = LayerStats(layer.name, layer.op, layer.shape, layer.groups, cfg.grid.bits, name,
                            None if Hw is None else relative_error(num[g], den[g]),
                            None if Hw is None else relative_error(rtn_num[g], den[g]),
@@ -216,6 +230,11 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
                            n_rows if method.uses_hessian else None, note, stacked=len(layers))
         out.append((q, stats))
     return out
+
+
+def _channels(a: np.ndarray, group_size: int) -> np.ndarray:
+    """A layer's grid values (G, R) as (O,), or (G, R, n) per group of columns as (O, n)."""
+    return a.reshape(-1, a.shape[-1]) if group_size else a.reshape(-1)
 
 
 def _stack(arrays: list, dtype, xp):

@@ -78,7 +78,8 @@ def test_reestimation_lowers_the_output_error(data, mode):
     assert out.kept
 
 
-def test_folding_is_exact_and_qdq_matches(capsys, data, tmp_path):
+@pytest.mark.parametrize("groups", [[], ["--group-size", "5"]])
+def test_folding_is_exact_and_qdq_matches(capsys, data, tmp_path, groups):
     model, x, _ = data
     onnx.save(model, tmp_path / "bn.onnx")
     runs = {}
@@ -86,7 +87,7 @@ def test_folding_is_exact_and_qdq_matches(capsys, data, tmp_path):
                        "qdq": ["--format", "qdq"]}.items():
         code = main(["quantize", str(tmp_path / "bn.onnx"), "--bits", "3", "--calib",
                      str(tmp_path / "calib.npz"), "--batch-size", str(N),
-                     "-o", str(tmp_path / f"{name}.onnx"), "-q", *args])
+                     "-o", str(tmp_path / f"{name}.onnx"), "-q", *args, *groups])
         assert code == 0, capsys.readouterr().err
         runs[name] = onnx.load(tmp_path / f"{name}.onnx")
     bn_count = {k: sum(n.op_type == "BatchNormalization" for n in m.graph.node) for k, m in runs.items()}
@@ -290,3 +291,20 @@ def test_a_conv_whose_outputs_overflow_is_not_corrected_and_says_why(tmp_path):
                          opset=13, symmetric=True)
     assert out.notes == ["conv1: not corrected (its outputs are not finite on the calibration data)"]
     assert out.corrected == 1 and out.qlayers[1].bias is not None and out.qlayers[0].bias is None
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_a_fold_scales_each_output_channel_of_a_grouped_layer(data, group_size):
+    from onnxobq.bn import _fold
+    model, _, _ = data
+    scan = scan_layers(gs.import_onnx(model))
+    cfg = QuantizeConfig(model="", output="", solve=SolveConfig(
+        method="rtn", grid=GridSpec(bits=3, narrow=True, group_size=group_size)))
+    q = solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0][0]
+    O = q.codes.shape[0]
+    a = np.linspace(-2.0, 1.5, O)                      # negative factors flip codes and zero-points
+    folded = _fold(q, np.zeros(O), a, np.arange(O, dtype=float))
+    assert folded.scale.shape == q.scale.shape == ((O, -(-q.layer.cols // group_size)) if group_size else (O,))
+    np.testing.assert_allclose(folded.weight(), q.weight() * a.reshape(q.channel_shape()), rtol=1e-6)
+    np.testing.assert_array_equal(folded.bias, np.arange(O))
+    assert folded.codes.min() >= q.qmin and folded.codes.max() <= q.qmax

@@ -74,6 +74,37 @@ def test_int4_storage_at_opset_21(capsys, stack):
     assert np.isfinite(outputs(out, x)[0]).all()
 
 
+@pytest.mark.parametrize("method", ["fastobq", "gptq", "obq", "rtn"])
+def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
+    model, calib, x = stack
+    code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--method", method, "--calib", calib,
+                         "--group-size", 4, "--no-bn-reestimate")
+    assert code == 0, err
+    written = model.parent / "stack.w4g4.qdq.onnx"
+    assert f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs)" in out
+    q = onnx.load(written)
+    assert [o.version for o in q.opset_import if o.domain == ""] == [21]
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert [{a.name: a.i for a in n.attribute} for n in dq] == [{"axis": 1, "block_size": 4}] * 4
+    # the scales: conv1's 8 x 27 columns in 7 groups, the depthwise 8 x 9 in 3, the grouped
+    # 1x1's 8 x 2 in 1, the Gemm's 5 x 8 in 2
+    shapes = {t.name: tuple(t.dims) for t in q.graph.initializer}
+    assert sorted(shapes[n.input[1]] for n in dq) == [(5, 2), (8, 1), (8, 3), (8, 7)]
+    cli(capsys, "quantize", model, "--bits", 4, "--method", method, "--calib", calib, "--group-size", 4,
+        "--no-bn-reestimate", "--format", "fake", "-o", model.parent / "fake.onnx", "-q")
+    np.testing.assert_allclose(outputs(written, x)[0], outputs(model.parent / "fake.onnx", x)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_group_size_below_opset_21_is_one_line_and_status_2(capsys, stack):
+    model, calib, _ = stack
+    out = model.parent / "g.onnx"
+    code, _, err = cli(capsys, "quantize", model, "--calib", calib, "--group-size", 32, "--opset", 17, "-o", out)
+    assert code == 2 and not out.exists()
+    assert err == ("onnxobq: error: --opset 17: --group-size needs opset 21 or later in QDQ (DequantizeLinear's "
+                   "block_size); give --opset 21 or later, or --format fake\n")
+
+
 def test_asymmetric_grid_uses_unsigned_zero_points(capsys, stack):
     model, calib, x = stack
     tmp = model.parent

@@ -40,6 +40,16 @@ def test_sweep_float64_matches(cp, method, order):
     np.testing.assert_array_equal(got.fallback, ref.fallback)
 
 
+@pytest.mark.parametrize("method", ["fastobq", "gptq", "obq", "rtn"])
+def test_grouped_grids_match(cp, method):
+    W, H = problem(3)
+    spec = GridSpec(bits=3, group_size=16)          # 70 columns: four groups of 16 and one of 6
+    ref = METHODS[method].solve(W, H, fit_grid(W, spec))
+    Wg, Hg = cp.asarray(W), cp.asarray(H)
+    got = METHODS[method].solve(Wg, Hg, fit_grid(Wg, spec, cp), xp=cp)
+    np.testing.assert_allclose(to_numpy(got.Q), ref.Q, atol=1e-6)
+
+
 def test_sweep_float32_agrees_within_float_tolerance(cp):
     W, H = problem(1, G=3, R=64, C=200)
     spec = GridSpec(bits=4, search="mse")

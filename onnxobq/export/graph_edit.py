@@ -63,22 +63,47 @@ def _int_constant(name: str, values: np.ndarray, kind: str) -> gs.Constant:
     return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values.astype(dtype), name)))
 
 
+def dequantize_layout(q: QuantizedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The codes, scale and zero-point as DequantizeLinear takes them, and its attributes.
+
+    One scale per output channel: the stored weight, per-channel on its output axis. One per
+    group of columns (opset 21's ``block_size``): blocks along the weight's input axis, a
+    MatMul's (K, N) weight with scales (ceil(K / B), N); a Conv's codes flattened to the
+    solver's (O, C) matrix, for a Reshape to follow.
+    """
+    layer, scale, zero = q.layer, q.stored_scale(), q.zero
+    if not q.group_size:
+        return q.codes, scale, zero, {"axis": layer.channel_axis}
+    attrs = {"block_size": q.group_size}
+    if layer.op == "Conv":
+        return q.codes.reshape(layer.shape[0], -1), scale, zero, {**attrs, "axis": 1}
+    if layer.transposed:       # stored inputs x outputs
+        return q.codes, scale.T, zero.T, {**attrs, "axis": 0}
+    return q.codes, scale, zero, {**attrs, "axis": 1}
+
+
 def insert_dequantize(graph: gs.Graph, nodes: list[gs.Node], q: QuantizedLayer, kind: str,
                       opset: int, taken: set) -> None:
     """Feed the layer's nodes (all that share its weight) from one DequantizeLinear(codes,
-    scale, zero) instead of its float weight."""
+    scale, zero) instead of its float weight (and a Reshape for a Conv's grouped codes)."""
     w = q.layer.weight
-    codes = _int_constant(fresh_name(graph, w + "_quantized", taken), q.codes, kind)
-    zero = _int_constant(fresh_name(graph, w + "_zero_point", taken), q.zero, kind)
+    values, scales, zeros, attrs = dequantize_layout(q)
+    codes = _int_constant(fresh_name(graph, w + "_quantized", taken), values, kind)
+    zero = _int_constant(fresh_name(graph, w + "_zero_point", taken), zeros, kind)
     dtype = np.dtype(q.layer.dtype)
     direct = dtype == np.float32 or opset >= FP16_SCALE_OPSET
-    scale = gs.Constant(fresh_name(graph, w + "_scale", taken),
-                        q.stored_scale() if direct else q.stored_scale().astype(np.float32))
+    scale = gs.Constant(fresh_name(graph, w + "_scale", taken), scales if direct else scales.astype(np.float32))
     out = gs.Variable(fresh_name(graph, w + "_dequantized", taken),
-                      dtype=dtype if direct else np.float32, shape=list(q.layer.shape))
+                      dtype=dtype if direct else np.float32, shape=list(values.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(graph, w + "_DequantizeLinear", taken),
-                               inputs=[codes, scale, zero], outputs=[out],
-                               attrs={"axis": q.layer.channel_axis}))
+                               inputs=[codes, scale, zero], outputs=[out], attrs=attrs))
+    if values.shape != tuple(q.layer.shape):      # a Conv's grouped codes: back to the weight's shape
+        shape = gs.Constant(fresh_name(graph, w + "_shape", taken), np.array(q.layer.shape, np.int64))
+        shaped = gs.Variable(fresh_name(graph, w + "_dequantized_reshaped", taken), dtype=out.dtype,
+                             shape=list(q.layer.shape))
+        graph.nodes.append(gs.Node("Reshape", name=fresh_name(graph, w + "_Reshape", taken),
+                                   inputs=[out, shape], outputs=[shaped]))
+        out = shaped
     if not direct:  # DequantizeLinear gives float32 before opset 19: cast to the weight's type
         out = _cast(graph, out, dtype, fresh_name(graph, w + "_dequantized_cast", taken),
                     fresh_name(graph, w + "_Cast", taken))

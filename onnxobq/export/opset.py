@@ -8,6 +8,7 @@ from ..errors import UserError
 
 QDQ_MIN_OPSET = 13     # per-channel DequantizeLinear (the axis attribute)
 INT4_MIN_OPSET = 21    # INT4/UINT4 tensors
+BLOCKED_MIN_OPSET = 21  # DequantizeLinear's block_size (a scale per group of columns)
 FP16_SCALE_OPSET = 19  # DequantizeLinear producing float16
 
 
@@ -20,7 +21,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
-                  activations: bool = False) -> onnx.ModelProto:
+                  activations: bool = False, grouped: bool = False) -> onnx.ModelProto:
     """Convert the model to the opset the output needs.
 
     Args:
@@ -29,6 +30,8 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
         wanted: an explicit --opset, or None.
         activations: the output quantizes activations too (QuantizeLinear, opset 13 or later
             in either format).
+        grouped: the weights have a scale per group of columns (--group-size), which "qdq"
+            stores with DequantizeLinear's block_size (opset 21 or later).
 
     Returns:
         The model itself, or a converted copy.
@@ -53,8 +56,13 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
         raise UserError(f"--opset {wanted}: --act-bits needs opset {QDQ_MIN_OPSET} or later "
                         f"(QuantizeLinear on the activations); give --opset {QDQ_MIN_OPSET} or later, "
                         "or drop --act-bits")
+    blocked = fmt == "qdq" and grouped
+    if blocked and wanted is not None and wanted < BLOCKED_MIN_OPSET:
+        raise UserError(f"--opset {wanted}: --group-size needs opset {BLOCKED_MIN_OPSET} or later in QDQ "
+                        f"(DequantizeLinear's block_size); give --opset {BLOCKED_MIN_OPSET} or later, "
+                        "or --format fake")
     if fmt == "qdq" or activations:
-        target = max(target, QDQ_MIN_OPSET)
+        target = max(target, BLOCKED_MIN_OPSET if blocked else QDQ_MIN_OPSET)
     if target == current:
         return model
     try:

@@ -1,4 +1,4 @@
-"""Per-output-channel uniform grids: integer range, scale search, rounding.
+"""Per-output-channel (or per-group) uniform grids: integer range, scale search, rounding.
 
 A grid maps a real weight w of row r to the integer code
 ``q = clip(round(w / scale[r]) + zero[r], qmin, qmax)`` and back to
@@ -6,11 +6,14 @@ A grid maps a real weight w of row r to the integer code
 with :func:`snap`; they differ only in how they move the weights before rounding.
 
 Arrays have rows on the second-to-last axis and columns on the last axis, so a
-stack of groups (G, R, C) gets one scale per (G, R).
+stack of groups (G, R, C) gets one scale per (G, R). With a group size B, each row
+has one scale per B consecutive columns (the last group may be shorter), as GPTQ's
+groups and DequantizeLinear's ``block_size`` have it; the grid then holds the scale
+of every column, (G, R, C), so that the solvers round column k with the scale of its group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,22 +34,32 @@ class GridSpec:
         narrow: use the restricted signed range [-(2^(b-1)-1), 2^(b-1)-1] that
             TensorRT has historically required for INT8 weights. Symmetric only.
         search: "minmax" (scale from the channel's range) or "mse" (shrink search).
+        group_size: one scale per this many consecutive columns of each row (0: one per row).
     """
 
     bits: int = 4
     symmetric: bool = True
     narrow: bool = False
     search: str = "minmax"
+    group_size: int = 0
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A fitted grid: one scale and zero-point per row (per group and row)."""
+    """A fitted grid: one scale and zero-point per row (per group and row), or with
+    ``group_size`` > 0 one per column, equal within each group of columns."""
 
-    scale: object  # xp array, shape (..., R)
-    zero: object   # xp array, shape (..., R); integer-valued floats
+    scale: object  # xp array, shape (..., R), or (..., R, C) with groups
+    zero: object   # xp array, the shape of scale; integer-valued floats
     qmin: int
     qmax: int
+    group_size: int = 0
+
+    def columns(self):
+        """(scale, zero) shaped to broadcast against the weights (..., R, C)."""
+        if self.group_size:
+            return self.scale, self.zero
+        return self.scale[..., None], self.zero[..., None]
 
 
 def int_range(bits: int, symmetric: bool = True, narrow: bool = False) -> tuple[int, int]:
@@ -100,7 +113,8 @@ def _scale_zero(lo, hi, spec: GridSpec, qmin: int, qmax: int, xp):
 
 
 def fit_grid(W, spec: GridSpec, xp=np) -> Grid:
-    """Fit one grid per row of ``W`` (rows on axis -2, columns on axis -1).
+    """Fit one grid per row of ``W`` (rows on axis -2, columns on axis -1), or per group of
+    ``spec.group_size`` columns of each row.
 
     Args:
         W: weights, shape (..., R, C).
@@ -108,8 +122,19 @@ def fit_grid(W, spec: GridSpec, xp=np) -> Grid:
         xp: numpy or cupy.
 
     Returns:
-        A Grid whose scale and zero have shape (..., R).
+        A Grid whose scale and zero have shape (..., R), or (..., R, C) with groups.
     """
+    B = spec.group_size
+    if B:
+        # Each group becomes a row of its own. The last group is padded with zeros, which
+        # change neither its range (that always holds 0) nor its MSE search (0 is on the grid).
+        C = W.shape[-1]
+        n = -(-C // B)
+        padded = xp.zeros(W.shape[:-1] + (n * B,), dtype=W.dtype)
+        padded[..., :C] = W
+        g = fit_grid(padded.reshape(W.shape[:-1] + (n, B)), replace(spec, group_size=0), xp)
+        return Grid(xp.repeat(g.scale, B, axis=-1)[..., :C], xp.repeat(g.zero, B, axis=-1)[..., :C],
+                    g.qmin, g.qmax, B)
     qmin, qmax = int_range(spec.bits, spec.symmetric, spec.narrow)
     lo = xp.minimum(W.min(axis=-1), 0)
     hi = xp.maximum(W.max(axis=-1), 0)

@@ -10,8 +10,8 @@ from .registry import register
 
 @register("rtn", uses_hessian=False)
 def rtn(W, H, grid, *, order=None, block=128, damp=None, xp=np) -> Result:
-    """Round every weight of W (G, R, C) to the nearest point of ``grid`` (scale (G, R))."""
-    s, z = grid.scale[..., None], grid.zero[..., None]
+    """Round every weight of W (G, R, C) to the nearest point of ``grid`` (scale (G, R), or (G, R, C))."""
+    s, z = grid.columns()
     codes = quantize(W, s, z, grid.qmin, grid.qmax, xp)
     G = W.shape[0]
     return Result(dequantize(codes, s, z), codes, grid.scale, grid.zero,

@@ -54,7 +54,8 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
     Args:
         W: weights (G, R, C), already permuted into sweep order.
         U: upper Cholesky factor of the (permuted, damped) inverse Hessian (G, C, C).
-        scale, zero: the per-row grid (G, R); qmin, qmax: the integer range.
+        scale, zero: the grid, per row (G, R) or per column (G, R, C) in the same permuted
+            order; qmin, qmax: the integer range.
         block: columns per lazy block.
         xp: numpy or cupy.
 
@@ -64,7 +65,11 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
     Wt = xp.ascontiguousarray(xp.swapaxes(W, 1, 2))    # a copy: row k is column k of W
     G, C, R = Wt.shape
     codes = xp.empty_like(Wt)
-    s, z = scale[:, None, :], zero[:, None, :]
+    per_column = scale.ndim == 3
+    if per_column:         # (G, C, R), like Wt: column k's scales are row k
+        st, zt = xp.ascontiguousarray(xp.swapaxes(scale, 1, 2)), xp.ascontiguousarray(xp.swapaxes(zero, 1, 2))
+    else:
+        s, z = scale[:, None, :], zero[:, None, :]
     u_diag = xp.diagonal(U, axis1=1, axis2=2)
     for i1 in range(0, C, block):
         i2 = min(i1 + block, C)
@@ -74,6 +79,8 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
             W2 = Wt[:, j1:j2]                          # a view: updated in place
             for k in range(j1, j2):
                 w = W2[:, k - j1:k - j1 + 1]            # (G, 1, R)
+                if per_column:
+                    s, z = st[:, k:k + 1], zt[:, k:k + 1]
                 q = quantize(w, s, z, qmin, qmax, xp)
                 codes[:, k:k + 1] = q
                 err = (w - dequantize(q, s, z)) / u_diag[:, k, None, None]
@@ -85,12 +92,12 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
     return xp.ascontiguousarray(xp.swapaxes(codes, 1, 2))
 
 
-def use_kernel(W, block: int, xp) -> bool:
-    """Whether the sweep runs as one CUDA kernel per block (CuPy, block <= 128).
+def use_kernel(W, grid, block: int, xp) -> bool:
+    """Whether the sweep runs as one CUDA kernel per block (CuPy, block <= 128, one scale per row).
 
     ``ONNXOBQ_SWEEP_KERNEL=0`` in the environment turns it off (for benchmarks and debugging).
     """
-    return (is_cupy(xp) and cuda_sweep.supports(W, block)
+    return (is_cupy(xp) and cuda_sweep.supports(W, block) and not grid.group_size
             and os.environ.get("ONNXOBQ_SWEEP_KERNEL", "1") != "0")
 
 
@@ -100,7 +107,7 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     Args:
         W: weights (G, R, C) in the working precision.
         H: Hessians 2XX^T/N (G, C, C), same dtype.
-        grid: the per-row Grid (scale, zero of shape (G, R)).
+        grid: the Grid (scale, zero of shape (G, R), or (G, R, C) with groups).
         order: a column order from solvers.orders.ORDERS.
         block: columns per lazy block (default 128).
         damp: damping rule (default relative 0.01).
@@ -111,7 +118,7 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
         with U = I the sweep makes no updates, which is exactly RTN.
     """
     H = fix_dead_columns(H, xp)
-    s, z = grid.scale[:, :, None], grid.zero[:, :, None]
+    s, z = grid.columns()
     Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
     hinv_diag = damped_inverse_diagonal(H, damp, xp) if uses_inverse_diagonal(order) else None
     perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
@@ -121,8 +128,11 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     # at 3.5 arrays of H's size (tracemalloc), against 6.5 when the factor behind hinv_diag was
     # still held, H copied for its dead columns and the permuted copy again for its damping.
     U, lam, ok = damped_upper_inverse_factor(permute_square(H, perm, xp), damp, xp, overwrite=True)
-    sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, block, xp) else blocked_sweep
-    codes = sweep(permute_columns(W, perm, xp), U, grid.scale, grid.zero, grid.qmin, grid.qmax, block, xp)
+    sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, grid, block, xp) else blocked_sweep
+    scale, zero = grid.scale, grid.zero
+    if grid.group_size:     # each column keeps its group's scale
+        scale, zero = permute_columns(scale, perm, xp), permute_columns(zero, perm, xp)
+    codes = sweep(permute_columns(W, perm, xp), U, scale, zero, grid.qmin, grid.qmax, block, xp)
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation
     lam = to_numpy(lam).astype(np.float64)           # NaN where every try failed
     return Result(dequantize(codes, s, z), codes, grid.scale, grid.zero, lam, ~to_numpy(ok))

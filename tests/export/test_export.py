@@ -138,3 +138,46 @@ def test_activations_need_opset_13():
     assert [o.version for o in prepare_opset(m, "fake", None, activations=True).opset_import if o.domain == ""] == [13]
     with pytest.raises(UserError, match="^--opset 12: --act-bits needs opset 13 or later"):
         prepare_opset(m, "fake", 12, activations=True)
+
+
+def grouped(model, group_size, bits=4, symmetric=True):
+    scan = scan_layers(gs.import_onnx(model))
+    cfg = QuantizeConfig(model="", output="", solve=SolveConfig(
+        method="rtn", grid=GridSpec(bits=bits, symmetric=symmetric, group_size=group_size)))
+    return scan, solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("make", [builders.conv_stack, linear_model])
+def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric, bits):
+    from onnxobq.graph.layers import from_matrix, to_matrix
+    from onnxobq.quant import fit_grid
+    from onnxobq.solvers import METHODS
+    # groups of 4 columns: a 3x3 conv's 27 (the last group of 3), a depthwise conv's 9, a
+    # grouped 1x1 conv's 2 (one short group), Gemm transB=1's 8, MatMul's 6, Gemm transB=0's 4
+    model = prepare_opset(make(), "qdq", None, grouped=True)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [21]
+    scan, q = grouped(model, 4, bits, symmetric)
+    for layer, ql in zip(scan.layers, q):         # the dequantized weight is the solver's, laid out back
+        W = to_matrix(layer, scan.weights[layer.name]).astype(np.float64)
+        Q = METHODS["rtn"].solve(W, None, fit_grid(W, GridSpec(bits=bits, symmetric=symmetric, group_size=4))).Q
+        np.testing.assert_allclose(ql.weight(), from_matrix(layer, Q).astype(np.float32), rtol=1e-6)
+        assert ql.scale.shape == (layer.groups * layer.rows, -(-layer.cols // 4))
+    fake = build_model(model, q, "fake", 21, symmetric)
+    qdq = build_model(model, q, "qdq", 21, symmetric)
+    onnx.checker.check_model(qdq, full_check=True)
+    dq = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(q) and all({a.name: a.i for a in n.attribute}["block_size"] == 4 for n in dq)
+    x = np.random.default_rng(1).standard_normal([d.dim_value or 2 for d in model.graph.input[0].type
+                                                 .tensor_type.shape.dim]).astype(np.float32)
+    np.testing.assert_allclose(builders.run(qdq, {"x": x})[0], builders.run(fake, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_qdq_needs_opset_21():
+    m = builders.conv_stack(opset=13)
+    assert prepare_opset(m, "fake", None, grouped=True) is m
+    assert [o.version for o in prepare_opset(m, "qdq", 21, grouped=True).opset_import if o.domain == ""] == [21]
+    with pytest.raises(UserError, match=r"^--opset 17: --group-size needs opset 21 or later in QDQ "
+                                        r"\(DequantizeLinear's block_size\); give --opset 21 or later, or --format fake$"):
+        prepare_opset(m, "qdq", 17, grouped=True)

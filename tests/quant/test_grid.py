@@ -54,3 +54,18 @@ def test_mse_search_finds_the_brute_force_optimum():
     def err(g):
         return (np.abs(snap(W, g.scale[..., None], g.zero[..., None], qmin, qmax) - W) ** MSE_NORM).sum()
     assert err(grid) < err(mm)
+
+
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_groups_are_fitted_as_rows_of_their_own(search, symmetric):
+    # 23 columns in groups of 8: 8, 8 and a last group of 7, each fitted as if it were a row
+    W = np.random.default_rng(5).standard_normal((2, 3, 23))
+    W[1, 2, 16:] = np.abs(W[1, 2, 16:])                     # a last group that holds no negative weight
+    spec = GridSpec(bits=3, symmetric=symmetric, search=search)
+    grid = fit_grid(W, GridSpec(bits=3, symmetric=symmetric, search=search, group_size=8))
+    assert grid.scale.shape == grid.zero.shape == (2, 3, 23) and grid.group_size == 8
+    for lo in (0, 8, 16):
+        alone = fit_grid(W[..., lo:lo + 8], spec)
+        np.testing.assert_array_equal(grid.scale[..., lo:lo + 8], np.repeat(alone.scale[..., None], len(range(lo, min(lo + 8, 23))), -1))
+        np.testing.assert_array_equal(grid.zero[..., lo:lo + 8], np.repeat(alone.zero[..., None], len(range(lo, min(lo + 8, 23))), -1))

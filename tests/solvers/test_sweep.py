@@ -186,3 +186,25 @@ def test_lower_inverse_inverts_each_triangle_and_keeps_the_dtype(dtype, C):
     assert got.dtype == dtype and np.array_equal(got, np.tril(got))
     np.testing.assert_allclose(got, np.linalg.inv(L), rtol=1e-4 if dtype == np.float32 else 1e-10,
                                atol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("order", ["sensi_des", "none", "act"])
+@pytest.mark.parametrize("group_size", [5, 8, 30])
+def test_sweep_with_groups_equals_direct_loop(order, group_size):
+    # groups of 5 and 8 columns of 30 (the last one of 8 is short), and one group of all 30
+    for seed in range(2):
+        W, H = problem(seed, G=2)
+        grid = fit_grid(W, GridSpec(bits=3, symmetric=seed == 0, group_size=group_size))
+        res = METHODS["fastobq"].solve(W, H, grid, order=order, block=7)
+        for g in range(W.shape[0]):
+            ref = direct_sweep(W[g], H[g], grid.scale[g], grid.zero[g], grid.qmin, grid.qmax, order)
+            np.testing.assert_allclose(res.Q[g], ref, atol=1e-5)
+
+
+def test_one_group_of_every_column_is_the_per_row_grid():
+    W, H = problem(3, G=2)
+    for method in ("rtn", "gptq", "fastobq", "obq"):
+        rows = METHODS[method].solve(W, H, fit_grid(W, GridSpec(bits=4)))
+        whole = METHODS[method].solve(W, H, fit_grid(W, GridSpec(bits=4, group_size=30)))
+        np.testing.assert_array_equal(rows.codes, whole.codes)
+        np.testing.assert_array_equal(rows.Q, whole.Q)
