@@ -12,6 +12,7 @@ from . import pipeline
 from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, ORDERS, PRECISIONS,
                      BNConfig, CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
 from .errors import UserError
+from .graph.layers import QUANTIZABLE_OPS
 from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
 
 
@@ -51,6 +52,21 @@ class GlobBits(click.ParamType):
         if not (bits.strip().isascii() and bits.strip().isdigit()) or not 2 <= int(bits) <= 8:
             self.fail(f"{value!r}: the bit width must be a whole number from 2 to 8", param, ctx)
         return glob, int(bits)
+
+
+class OpTypes(click.ParamType):
+    """A comma-separated list of the ops onnxobq quantizes, e.g. "MatMul,Gemm"."""
+
+    name = "OPS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        ops = tuple(dict.fromkeys(op.strip() for op in str(value).split(",") if op.strip()))
+        bad = [op for op in ops if op not in QUANTIZABLE_OPS]
+        if bad or not ops:
+            self.fail(f"{value!r}: give a comma-separated list of {', '.join(QUANTIZABLE_OPS)}", param, ctx)
+        return ops
 
 
 class Finite(click.ParamType):
@@ -262,6 +278,8 @@ def cli():
               help="Run the BN passes on N calibration samples at even steps through them (whole batches where "
                    "the model fixes one), or on all of them.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
+@click.option("--op-types", type=OpTypes(), help="Quantize only layers of these ops, e.g. "
+              "'MatMul,Gemm' (default: Conv, Gemm and MatMul); the others stay in float.")
 @click.option("--layer-bits", multiple=True, type=GlobBits(),
               help="Give layers whose name or weight matches GLOB this bit width instead of --bits, e.g. "
                    "'conv1=8'. Repeatable; the first match wins.")
@@ -278,7 +296,7 @@ def cli():
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
              scale_search, group_size, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
-             exclude, layer_bits, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
+             exclude, op_types, layer_bits, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
@@ -308,7 +326,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
                      samples=bn_samples),
-        device=device, exclude=tuple(exclude), layer_bits=tuple(layer_bits), report=report_path,
+        device=device, exclude=tuple(exclude), op_types=op_types or (), layer_bits=tuple(layer_bits), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
         act_calib=act_calib or "mse")
     report = pipeline.run(cfg, BarProgress(not quiet))

@@ -85,6 +85,7 @@ class QuantizeConfig:
         bn: BatchNorm re-estimation.
         device: "auto", "cpu" or "cuda" for the Hessians and the solver.
         exclude: glob patterns of layer names to leave in float.
+        op_types: quantize only layers of these ops (of "Conv", "Gemm", "MatMul"); empty: all.
         layer_bits: (glob, bits) pairs: layers whose name or weight matches a glob get that bit
             width instead of ``solve.grid.bits``; the first matching pair wins.
         report: write the JSON report here (None: no file).
@@ -107,6 +108,7 @@ class QuantizeConfig:
     bn: BNConfig = field(default_factory=BNConfig)
     device: str = "auto"
     exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
     report: str | None = None
     hessians: str | None = None

@@ -42,7 +42,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                                                              activations=cfg.act_bits is not None,
                                                              grouped=cfg.solve.grid.group_size > 0))
         external = stored_externally(cfg.model)
-        scan = exclude(found, cfg.exclude)
+        scan = exclude(found, cfg.exclude, cfg.op_types)
         _check_inputs(cfg, scan)
         xp = array_module(cfg.device)
     captured = Captured({}, {}, 0)
@@ -156,16 +156,20 @@ def bit_width(layer, cfg: QuantizeConfig) -> int:
 
 
 EXCLUDED = "excluded by --exclude"      # the reason given for a layer that --exclude leaves in float
+OTHER_OP = "not in --op-types"          # ... and for one whose op --op-types leaves out
 
 
-def exclude(scan: LayerScan, patterns: tuple[str, ...]) -> LayerScan:
-    """Move layers whose name or weight matches a glob in ``patterns`` to the skipped list."""
-    if not patterns:
+def exclude(scan: LayerScan, patterns: tuple[str, ...], op_types: tuple[str, ...] = ()) -> LayerScan:
+    """Move layers whose name or weight matches a glob in ``patterns``, or whose op is not in
+    ``op_types`` (when given), to the skipped list."""
+    if not patterns and not op_types:
         return scan
     keep = LayerScan(skipped=list(scan.skipped), weights=scan.weights)
     for layer in scan.layers:
         hit = next((p for p in patterns if _matches(layer, p)), None)
-        if hit:
+        if op_types and layer.op not in op_types:
+            keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"{OTHER_OP} {','.join(op_types)}"))
+        elif hit:
             keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"{EXCLUDED} {hit}"))
         else:
             keep.layers.append(layer)
@@ -187,6 +191,11 @@ def _matches(item, pattern: str) -> bool:
 
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if not scan.layers:
+        other = Counter(s.op for s in scan.skipped if s.reason.startswith(OTHER_OP))
+        if other:
+            found = ", ".join(f"{n} {op}" for op, n in sorted(other.items()))
+            raise UserError(f"{cfg.model}: no layer of --op-types {','.join(cfg.op_types)} to quantize (it has "
+                            f"{found}); give --op-types with an op the model has")
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in scan.skipped[:3])
         excluded = sum(s.reason.startswith(EXCLUDED) for s in scan.skipped)
         fix = ("; give --exclude patterns that leave some layers" if excluded else

@@ -127,8 +127,14 @@ def summary_lines(report: RunReport) -> list[str]:
     if stacked:
         out.append(f"note: {len(stacked)} layers were solved in stacks with others of the same shape; "
                    "their seconds are shares of their stack's time")
+    by_reason: dict[str, list] = {}
     for k in report.skipped:
-        out.append(f"skipped: {k.name} ({k.op}): {k.reason}")
+        by_reason.setdefault(k.reason, []).append(k)
+    for reason, skipped in by_reason.items():
+        if len(skipped) > 3:     # --op-types, say: one line for the lot (the JSON report lists each)
+            out.append(f"skipped: {len(skipped)} layers ({', '.join(sorted({k.op for k in skipped}))}): {reason}")
+            continue
+        out.extend(f"skipped: {k.name} ({k.op}): {k.reason}" for k in skipped)
     out.extend(bn_lines(report.bn, report.samples))
     act = report.activations
     if act.get("enabled"):

@@ -194,6 +194,30 @@ def test_exclude_leaves_layers_in_float(capsys, stack):
     assert "skipped: fc (Gemm): excluded by --exclude fc" in out
 
 
+def test_op_types_quantize_only_those_ops(capsys, stack):
+    model, calib, _ = stack
+    report = model.parent / "r.json"
+    code, out, err = cli(capsys, "quantize", model, "--calib", calib, "--op-types", "Gemm, Gemm",
+                         "-o", model.parent / "g.onnx", "--report", report)
+    assert code == 0, err
+    q = onnx.load(model.parent / "g.onnx")
+    assert [n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"] == ["wg_dequantized"]
+    assert "skipped: conv1 (Conv): not in --op-types Gemm" in out      # three: one line each
+    r = json.loads(report.read_text())
+    assert [(s["name"], s["reason"]) for s in r["skipped"]] == [
+        (n, "not in --op-types Gemm") for n in ("conv1", "dw", "grouped")]
+    assert r["settings"]["op_types"] == ["Gemm"]
+
+
+def test_many_layers_skipped_for_one_reason_are_one_line(capsys, tmp_path):
+    path = tmp_path / "cls.onnx"
+    code, out, err = cli(capsys, "quantize", os.path.join(REPO, "models/ppocr_cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+                         "--method", "rtn", "--op-types", "MatMul", "-o", path, "--no-bn-reestimate")
+    assert code == 0, err
+    assert [l for l in out.splitlines() if l.startswith("skipped")] == [
+        "skipped: 53 layers (Conv): not in --op-types MatMul"]
+
+
 def test_an_exclude_pattern_that_matches_nothing_is_noted(capsys, stack):
     """A typo in --exclude would otherwise leave the layer quantized without a word; a pattern
     that matches only a weight's name, or a layer also matched by another pattern, is used."""

@@ -438,6 +438,20 @@ def test_exclude_of_every_layer_says_to_narrow_it(capsys, work):
                  fix="give --exclude patterns that leave some layers")
 
 
+def test_op_types_that_the_model_lacks_name_what_it_has(capsys, work):
+    onnx.save(builders.conv_stack(), work / "m.onnx")
+    line = expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--op-types", "MatMul"],
+                        names=["m.onnx"], fix="give --op-types with an op the model has")
+    assert line == (f"{PREFIX}m.onnx: no layer of --op-types MatMul to quantize (it has 3 Conv, 1 Gemm); "
+                    "give --op-types with an op the model has")
+
+
+@pytest.mark.parametrize("value", ["Relu", "Conv,Relu", ","])
+def test_an_unknown_op_type_is_one_line(capsys, work, value):
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--op-types", value],
+                 names=["--op-types", repr(value)], fix="give a comma-separated list of Conv, Gemm, MatMul")
+
+
 @pytest.mark.parametrize("weight,reason", [("input", "the weight is a graph input"),
                                            ("transpose", "the weight is computed at run time (by a Transpose node)")])
 def test_only_matmul_has_a_runtime_weight(capsys, work, weight, reason):
