@@ -39,19 +39,27 @@ class SamplesOrAll(click.ParamType):
 
 
 class GlobBits(click.ParamType):
-    """GLOB=BITS: a layer-name glob and a bit width of 2 to 8, as (glob, bits)."""
+    """GLOB=BITS: a layer-name glob and a bit width of 2 to 8, as (glob, bits); or, with
+    ``what="group"``, GLOB=N with a group size N of 0 (per channel) or more."""
 
-    name = "GLOB=BITS"
+    def __init__(self, what: str = "bits"):
+        self.what = what
+        self.name = "GLOB=BITS" if what == "bits" else "GLOB=N"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        glob, sep, bits = str(value).rpartition("=")
+        glob, sep, n = str(value).rpartition("=")
+        example = "'conv1=8'" if self.what == "bits" else "'*MatMul*=128'"
         if not sep or not glob:
-            self.fail(f"{value!r}: give GLOB=BITS, e.g. 'conv1=8'", param, ctx)
-        if not (bits.strip().isascii() and bits.strip().isdigit()) or not 2 <= int(bits) <= 8:
+            self.fail(f"{value!r}: give {self.name}, e.g. {example}", param, ctx)
+        whole = n.strip().isascii() and n.strip().isdigit()
+        if self.what == "bits" and (not whole or not 2 <= int(n) <= 8):
             self.fail(f"{value!r}: the bit width must be a whole number from 2 to 8", param, ctx)
-        return glob, int(bits)
+        if self.what == "group" and not whole:
+            self.fail(f"{value!r}: the group size must be a whole number (0: one scale per output channel)",
+                      param, ctx)
+        return glob, int(n)
 
 
 class OpTypes(click.ParamType):
@@ -283,6 +291,9 @@ def cli():
 @click.option("--layer-bits", multiple=True, type=GlobBits(),
               help="Give layers whose name or weight matches GLOB this bit width instead of --bits, e.g. "
                    "'conv1=8'. Repeatable; the first match wins.")
+@click.option("--layer-group-size", multiple=True, type=GlobBits("group"),
+              help="Give layers whose name or weight matches GLOB this group size instead of --group-size "
+                   "(0: one scale per output channel), e.g. '*MatMul*=128'. Repeatable; the first match wins.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where Hessians and solver run: auto uses CuPy on a GPU when present.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -296,7 +307,7 @@ def cli():
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
              scale_search, group_size, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
-             exclude, op_types, layer_bits, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
+             exclude, op_types, layer_bits, layer_group_size, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
@@ -326,7 +337,8 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
                      samples=bn_samples),
-        device=device, exclude=tuple(exclude), op_types=op_types or (), layer_bits=tuple(layer_bits), report=report_path,
+        device=device, exclude=tuple(exclude), op_types=op_types or (), layer_bits=tuple(layer_bits),
+        layer_group_size=tuple(layer_group_size), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
         act_calib=act_calib or "mse")
     report = pipeline.run(cfg, BarProgress(not quiet))

@@ -88,6 +88,8 @@ class QuantizeConfig:
         op_types: quantize only layers of these ops (of "Conv", "Gemm", "MatMul"); empty: all.
         layer_bits: (glob, bits) pairs: layers whose name or weight matches a glob get that bit
             width instead of ``solve.grid.bits``; the first matching pair wins.
+        layer_group_size: (glob, group size) pairs, the same way for ``solve.grid.group_size``
+            (0: one scale per output channel).
         report: write the JSON report here (None: no file).
         hessians: read the Hessians from this file (written by ``save_hessians``) instead
             of capturing them; ``calib`` is then needed only for BN re-estimation.
@@ -110,11 +112,17 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
+    layer_group_size: tuple[tuple[str, int], ...] = ()
     report: str | None = None
     hessians: str | None = None
     save_hessians: str | None = None
     act_bits: int | None = None
     act_calib: str = "mse"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether any layer may get a scale per group of inputs (QDQ then needs opset 21)."""
+        return self.solve.grid.group_size > 0 or any(g > 0 for _, g in self.layer_group_size)
 
 
 # Image pre-processing of common exporters; explicit options override a preset.

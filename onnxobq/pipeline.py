@@ -40,7 +40,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         check_output_path(cfg.model, cfg.output)
         model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset,
                                                              activations=cfg.act_bits is not None,
-                                                             grouped=cfg.solve.grid.group_size > 0))
+                                                             grouped=cfg.grouped))
         external = stored_externally(cfg.model)
         scan = exclude(found, cfg.exclude, cfg.op_types)
         _check_inputs(cfg, scan)
@@ -82,7 +82,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
         written = save_model(out, cfg.output, external=True if external else None)
     report = RunReport(settings=_settings(cfg, opset), layers=stats, skipped=scan.skipped,
                        stages=stages, samples=samples, device=device_name(xp),
-                       storage=_storage(cfg, opset, [q.bits for q in qlayers]),
+                       storage=_storage(cfg, opset, [q.bits for q in qlayers], [q.group_size for q in qlayers]),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
                        activations=_activation_summary(cfg, scan, act_scales),
@@ -99,7 +99,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
 
 def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan) -> list[str]:
     return [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
-            for option, patterns in (("--exclude", cfg.exclude), ("--layer-bits", [g for g, _ in cfg.layer_bits]))
+            for option, patterns in (("--exclude", cfg.exclude), ("--layer-bits", [g for g, _ in cfg.layer_bits]),
+                                     ("--layer-group-size", [g for g, _ in cfg.layer_group_size]))
             for p in unmatched(found, patterns)]
 
 
@@ -128,14 +129,14 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
     layers, hessians = scan.layers, captured.hessians
     uses = Counter(layer.hessian_key for layer in layers)
     itemsize = xp.dtype(working_dtype(cfg.solve.precision, xp)).itemsize
-    bits = [bit_width(layer, cfg) for layer in layers]
+    grids = [layer_grid(layer, cfg) for layer in layers]
     plan = plan_stacks(layers, [hessians.get(l.hessian_key) is not None for l in layers], itemsize,
-                       stack_budget(xp), bits)
+                       stack_budget(xp), grids)
     results = [None] * len(layers)
     progress.start("layers", len(layers))
     for stack in plan:
         members = [layers[i] for i in stack]
-        solve_cfg = replace(cfg.solve, grid=replace(cfg.solve.grid, bits=bits[stack[0]]))
+        solve_cfg = replace(cfg.solve, grid=grids[stack[0]])
         solved = solve_stack(members, [scan.weights[l.name] for l in members],
                              [hessians.get(l.hessian_key) for l in members], solve_cfg, xp,
                              [captured.rows.get(l.hessian_key) for l in members])
@@ -150,9 +151,12 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
     return [q for q, _ in results], [s for _, s in results]
 
 
-def bit_width(layer, cfg: QuantizeConfig) -> int:
-    """The layer's bit width: that of the first --layer-bits glob matching its name or weight, else --bits."""
-    return next((b for glob, b in cfg.layer_bits if _matches(layer, glob)), cfg.solve.grid.bits)
+def layer_grid(layer, cfg: QuantizeConfig):
+    """The layer's grid: the bit width of the first --layer-bits glob matching its name or weight
+    (else --bits), and the group size of the first --layer-group-size glob (else --group-size)."""
+    bits = next((b for glob, b in cfg.layer_bits if _matches(layer, glob)), cfg.solve.grid.bits)
+    group = next((g for glob, g in cfg.layer_group_size if _matches(layer, glob)), cfg.solve.grid.group_size)
+    return replace(cfg.solve.grid, bits=bits, group_size=group)
 
 
 EXCLUDED = "excluded by --exclude"      # the reason given for a layer that --exclude leaves in float
@@ -240,9 +244,9 @@ def _stage(stages: dict, name: str):
         stages[name] = time.perf_counter() - start
 
 
-def _storage(cfg: QuantizeConfig, opset: int, bits: list[int]) -> str:
+def _storage(cfg: QuantizeConfig, opset: int, bits: list[int], groups: list[int]) -> str:
     """How the weights are stored, in words for the summary; with the layer counts where
-    --layer-bits gave layers other widths."""
+    --layer-bits gave layers other widths, or --layer-group-size other group sizes."""
     counts = sorted(Counter(bits or [cfg.solve.grid.bits]).items())
     parts, small_in_8 = [], False
     for b, n in counts:
@@ -254,8 +258,12 @@ def _storage(cfg: QuantizeConfig, opset: int, bits: list[int]) -> str:
         parts.append(f"{kind} weights holding {b}-bit codes{count}")
         small_in_8 |= b <= 4 and kind.endswith("8")
     which = "them" if len(counts) == 1 else "those of 4 bits and below"
-    groups = f", one scale per {cfg.solve.grid.group_size} inputs" if cfg.solve.grid.group_size else ""
-    return ", ".join(parts) + groups + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
+    sizes = Counter(groups)
+    if len(sizes) == 1 and 0 not in sizes:
+        scales = f", one scale per {groups[0]} inputs"
+    else:       # --layer-group-size gave some layers groups (or took them away)
+        scales = "".join(f", one scale per {g} inputs in {n} layer{'s' * (n > 1)}" for g, n in sorted(sizes.items()) if g)
+    return ", ".join(parts) + scales + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
 
 
 def _gpu_peak(xp) -> float | None:

@@ -122,17 +122,18 @@ def stack_budget(xp) -> int:
 
 
 def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int,
-                bits: list[int] | None = None) -> list[list[int]]:
+                grids: list | None = None) -> list[list[int]]:
     """Group layer indices into stacks to solve together, each in graph order.
 
-    Layers join the open stack of their (rows, cols, has_hessian, bits) while the stack's
+    Layers join the open stack of their (rows, cols, has_hessian, grid) while the stack's
     weights and Hessians fit in ``max_bytes``; layers wider than STACK_MAX_COLS stay alone.
+    ``grids`` gives each layer's grid (a GridSpec, or anything comparable: its bit width).
     """
     stacks: list[list[int]] = []
     open_stack: dict[tuple, tuple[list[int], int]] = {}
     for i, (layer, has_h) in enumerate(zip(layers, has_hessian)):
         size = layer.groups * (layer.rows + layer.cols) * layer.cols * itemsize
-        key = (layer.rows, layer.cols, has_h, None if bits is None else bits[i])
+        key = (layer.rows, layer.cols, has_h, None if grids is None else grids[i])
         members, used = open_stack.get(key, (None, 0))
         if layer.cols > STACK_MAX_COLS or members is None or used + size > max_bytes:
             members, used = [], 0

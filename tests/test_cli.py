@@ -96,6 +96,38 @@ def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("args,blocked", [(["--layer-group-size", "fc=4"], {"wg"}),
+                                          (["--group-size", "4", "--layer-group-size", "f*=0",
+                                            "--layer-group-size", "fc=8"], {"w1", "w2", "w3"})])
+def test_layer_group_size_gives_some_layers_groups(capsys, stack, args, blocked):
+    model, calib, x = stack
+    tmp = model.parent
+    for fmt in ("qdq", "fake"):
+        code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--calib", calib, "--no-bn-reestimate",
+                             "--format", fmt, "-o", tmp / f"{fmt}.onnx", *args)
+        assert code == 0, err
+    n = len(blocked)
+    assert f"one scale per 4 inputs in {n} layer{'s' * (n > 1)})" in out
+    q = onnx.load(tmp / "qdq.onnx")
+    assert [o.version for o in q.opset_import if o.domain == ""] == [21]
+    attrs = {n.input[0].rsplit("_quantized", 1)[0]: {a.name: a.i for a in n.attribute}
+             for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert {w for w, a in attrs.items() if "block_size" in a} == blocked
+    assert all(a["block_size"] == 4 for a in attrs.values() if "block_size" in a)
+    np.testing.assert_allclose(outputs(tmp / "qdq.onnx", x)[0], outputs(tmp / "fake.onnx", x)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value,why", [("fc", "give GLOB=N, e.g. '*MatMul*=128'"),
+                                       ("fc=-1", "the group size must be a whole number (0: one scale per "
+                                                 "output channel)")])
+def test_a_bad_layer_group_size_is_one_line(capsys, stack, value, why):
+    model, calib, _ = stack
+    code, _, err = cli(capsys, "quantize", model, "--calib", calib, "--layer-group-size", value, "-o", model.parent / "b.onnx")
+    assert code == 2 and not (model.parent / "b.onnx").exists()
+    assert err == f"onnxobq: error: Invalid value for '--layer-group-size': {value!r}: {why}\n"
+
+
 def test_group_size_below_opset_21_is_one_line_and_status_2(capsys, stack):
     model, calib, _ = stack
     out = model.parent / "g.onnx"
