@@ -73,7 +73,8 @@ class OpTypes(click.ParamType):
         ops = tuple(dict.fromkeys(op.strip() for op in str(value).split(",") if op.strip()))
         bad = [op for op in ops if op not in QUANTIZABLE_OPS]
         if bad or not ops:
-            self.fail(f"{value!r}: give a comma-separated list of {', '.join(QUANTIZABLE_OPS)}", param, ctx)
+            what = f"{', '.join(bad)} is not an op onnxobq quantizes; " if bad and len(ops) > 1 else ""
+            self.fail(f"{value!r}: {what}give a comma-separated list of {', '.join(QUANTIZABLE_OPS)}", param, ctx)
         return ops
 
 
@@ -286,8 +287,8 @@ def cli():
               help="Run the BN passes on N calibration samples at even steps through them (whole batches where "
                    "the model fixes one), or on all of them.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
-@click.option("--op-types", type=OpTypes(), help="Quantize only layers of these ops, e.g. "
-              "'MatMul,Gemm' (default: Conv, Gemm and MatMul); the others stay in float.")
+@click.option("--op-types", type=OpTypes(), multiple=True, help="Quantize only layers of these ops, e.g. "
+              "'MatMul,Gemm' (default: Conv, Gemm and MatMul); the others stay in float. Repeatable.")
 @click.option("--layer-bits", multiple=True, type=GlobBits(),
               help="Give layers whose name or weight matches GLOB this bit width instead of --bits, e.g. "
                    "'conv1=8'. Repeatable; the first match wins.")
@@ -337,7 +338,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         format=fmt, opset=opset,
         bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
                      samples=bn_samples),
-        device=device, exclude=tuple(exclude), op_types=op_types or (), layer_bits=tuple(layer_bits),
+        device=device, exclude=tuple(exclude), op_types=tuple(dict.fromkeys(op for ops in op_types for op in ops)), layer_bits=tuple(layer_bits),
         layer_group_size=tuple(layer_group_size), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
         act_calib=act_calib or "mse")

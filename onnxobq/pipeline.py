@@ -17,7 +17,7 @@ from .errors import UserError
 from .export import build_model, model_opset, prepare_opset, storage_type
 from .hessians import load as load_hessians, save as save_hessians
 from .graph import check_output_path, load_model, save_model, scan_folded, stored_externally
-from .graph.layers import LayerScan, Skipped
+from .graph.layers import QUANTIZABLE_OPS, LayerScan, Skipped
 from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_json  # noqa: F401
 from .quant.activations import activation_scales
 from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
@@ -156,6 +156,8 @@ def layer_grid(layer, cfg: QuantizeConfig):
     (else --bits), and the group size of the first --layer-group-size glob (else --group-size)."""
     bits = next((b for glob, b in cfg.layer_bits if _matches(layer, glob)), cfg.solve.grid.bits)
     group = next((g for glob, g in cfg.layer_group_size if _matches(layer, glob)), cfg.solve.grid.group_size)
+    if group >= layer.cols:     # one group of every input: the per-channel grid, stored as such
+        group = 0
     return replace(cfg.solve.grid, bits=bits, group_size=group)
 
 
@@ -196,14 +198,16 @@ def _matches(item, pattern: str) -> bool:
 def _check_inputs(cfg: QuantizeConfig, scan: LayerScan) -> None:
     if not scan.layers:
         other = Counter(s.op for s in scan.skipped if s.reason.startswith(OTHER_OP))
-        if other:
+        excluded = sum(s.reason.startswith(EXCLUDED) for s in scan.skipped)
+        if other and not excluded:
             found = ", ".join(f"{n} {op}" for op, n in sorted(other.items()))
             raise UserError(f"{cfg.model}: no layer of --op-types {','.join(cfg.op_types)} to quantize (it has "
                             f"{found}); give --op-types with an op the model has")
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in scan.skipped[:3])
-        excluded = sum(s.reason.startswith(EXCLUDED) for s in scan.skipped)
-        fix = ("; give --exclude patterns that leave some layers" if excluded else
-               "; onnxobq quantizes layers with a constant float weight, and this model has none")
+        named = [s for s in scan.skipped if not s.reason.startswith(OTHER_OP)][:3]
+        reasons = "; ".join([f"{s.name}: {s.reason}" for s in named]
+                            + ([f"{sum(other.values())} {OTHER_OP} {','.join(cfg.op_types)}"] if other else []))
+        fix = (f"; give --exclude patterns{' and --op-types' if other else ''} that leave some layers" if excluded
+               else "; onnxobq quantizes layers with a constant float weight, and this model has none")
         raise UserError(f"{cfg.model}: no quantizable Conv, Gemm or MatMul layer"
                         + (f" ({reasons})" if reasons else "")
                         + (f", {excluded} {EXCLUDED}" if excluded else "") + fix)
@@ -275,6 +279,7 @@ def _gpu_peak(xp) -> float | None:
 def _settings(cfg: QuantizeConfig, opset: int) -> dict:
     s = asdict(cfg)
     s["opset"] = opset
+    s["op_types"] = list(cfg.op_types or QUANTIZABLE_OPS)
     s["solve"]["order"] = cfg.solve.order or METHODS[cfg.solve.method].default_order
     return s
 

@@ -110,7 +110,7 @@ def summary_lines(report: RunReport) -> list[str]:
     """A few lines after the table: totals, BN, times, memory, outputs."""
     errs = [s.error for s in report.layers if s.error is not None]
     rtn = [s.rtn_error for s in report.layers if s.rtn_error is not None]
-    out = [f"quantized {len(report.layers)} layers, left {len(report.skipped)} in float; "
+    out = [f"quantized {len(report.layers)} layer{'s' * (len(report.layers) != 1)}, left {len(report.skipped)} in float; "
            f"{report.samples} calibration samples; device {report.device}"]
     if errs:
         out.append(f"mean layer error {sum(errs) / len(errs):.3e} (round-to-nearest: {sum(rtn) / len(rtn):.3e})")

@@ -74,7 +74,7 @@ class LayerStats:
     """Per-layer figures for the report (errors are ||WX-QX||^2/||WX||^2 from the Hessian).
 
     ``stacked`` is how many layers were solved together with it (1: alone); ``seconds`` is
-    then its share of their solve time.
+    then its share of their solve time. ``group_size`` is its grid's (0: one scale per channel).
     """
 
     name: str
@@ -91,6 +91,7 @@ class LayerStats:
     rows: int | None = None
     note: str = ""
     stacked: int = 1
+    group_size: int = 0
 
     @property
     def rank_deficient(self) -> bool:
@@ -228,7 +229,8 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
                            None if Hw is None else relative_error(num[g], den[g]),
                            None if Hw is None else relative_error(rtn_num[g], den[g]),
                            seconds * layer.groups / total, float(lam.max()) if lam.size else None, layer.cols,
-                           n_rows if method.uses_hessian else None, note, stacked=len(layers))
+                           n_rows if method.uses_hessian else None, note, stacked=len(layers),
+                           group_size=cfg.grid.group_size)
         out.append((q, stats))
     return out
 

@@ -77,19 +77,24 @@ def test_int4_storage_at_opset_21(capsys, stack):
 @pytest.mark.parametrize("method", ["fastobq", "gptq", "obq", "rtn"])
 def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
     model, calib, x = stack
+    report = model.parent / "r.json"
     code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--method", method, "--calib", calib,
-                         "--group-size", 4, "--no-bn-reestimate")
+                         "--group-size", 4, "--no-bn-reestimate", "--report", report)
     assert code == 0, err
     written = model.parent / "stack.w4g4.qdq.onnx"
-    assert f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs)" in out
+    assert f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs in 3 layers)" in out
     q = onnx.load(written)
     assert [o.version for o in q.opset_import if o.domain == ""] == [21]
-    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
-    assert [{a.name: a.i for a in n.attribute} for n in dq] == [{"axis": 1, "block_size": 4}] * 4
-    # the scales: conv1's 8 x 27 columns in 7 groups, the depthwise 8 x 9 in 3, the grouped
-    # 1x1's 8 x 2 in 1, the Gemm's 5 x 8 in 2
+    dq = {n.input[0].rsplit("_quantized", 1)[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    attrs = {w: {a.name: a.i for a in n.attribute} for w, n in dq.items()}
+    assert attrs == {"w1": {"axis": 1, "block_size": 4}, "w2": {"axis": 1, "block_size": 4},
+                     "w3": {"axis": 0}, "wg": {"axis": 1, "block_size": 4}}
+    # the scales: conv1's 8 x 27 columns in 7 groups, the depthwise 8 x 9 in 3, the Gemm's 5 x 8
+    # in 2; the grouped 1x1's 2 columns make one group: per channel
     shapes = {t.name: tuple(t.dims) for t in q.graph.initializer}
-    assert sorted(shapes[n.input[1]] for n in dq) == [(5, 2), (8, 1), (8, 3), (8, 7)]
+    assert {w: shapes[n.input[1]] for w, n in dq.items()} == {"w1": (8, 7), "w2": (8, 3), "w3": (8,), "wg": (5, 2)}
+    assert {l["name"]: l["group_size"] for l in json.loads(report.read_text())["layers"]} == {
+        "conv1": 4, "dw": 4, "grouped": 0, "fc": 4}
     cli(capsys, "quantize", model, "--bits", 4, "--method", method, "--calib", calib, "--group-size", 4,
         "--no-bn-reestimate", "--format", "fake", "-o", model.parent / "fake.onnx", "-q")
     np.testing.assert_allclose(outputs(written, x)[0], outputs(model.parent / "fake.onnx", x)[0],
@@ -98,8 +103,9 @@ def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
 
 @pytest.mark.parametrize("args,blocked", [(["--layer-group-size", "fc=4"], {"wg"}),
                                           (["--group-size", "4", "--layer-group-size", "f*=0",
-                                            "--layer-group-size", "fc=8"], {"w1", "w2", "w3"})])
+                                            "--layer-group-size", "fc=8"], {"w1", "w2"})])
 def test_layer_group_size_gives_some_layers_groups(capsys, stack, args, blocked):
+    # (the grouped 1x1 conv's 2 inputs make one group of 4: per channel)
     model, calib, x = stack
     tmp = model.parent
     for fmt in ("qdq", "fake"):
@@ -239,6 +245,14 @@ def test_op_types_quantize_only_those_ops(capsys, stack):
     assert [(s["name"], s["reason"]) for s in r["skipped"]] == [
         (n, "not in --op-types Gemm") for n in ("conv1", "dw", "grouped")]
     assert r["settings"]["op_types"] == ["Gemm"]
+
+
+def test_repeated_op_types_add_up(capsys, stack):
+    model, calib, _ = stack
+    code, out, err = cli(capsys, "quantize", model, "--method", "rtn", "--op-types", "Gemm", "--op-types",
+                         "Conv,Gemm", "-o", model.parent / "g.onnx", "--no-bn-reestimate")
+    assert code == 0, err
+    assert "quantized 4 layers, left 0 in float" in out
 
 
 def test_many_layers_skipped_for_one_reason_are_one_line(capsys, tmp_path):

@@ -446,10 +446,20 @@ def test_op_types_that_the_model_lacks_name_what_it_has(capsys, work):
                     "give --op-types with an op the model has")
 
 
-@pytest.mark.parametrize("value", ["Relu", "Conv,Relu", ","])
-def test_an_unknown_op_type_is_one_line(capsys, work, value):
-    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--op-types", value],
-                 names=["--op-types", repr(value)], fix="give a comma-separated list of Conv, Gemm, MatMul")
+@pytest.mark.parametrize("value,bad", [("Relu", ""), ("Conv,Relu,conv", "Relu, conv is not an op onnxobq quantizes; "),
+                                       (",", "")])
+def test_an_unknown_op_type_is_one_line(capsys, work, value, bad):
+    line = expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--op-types", value],
+                        names=["--op-types", repr(value)], fix="give a comma-separated list of Conv, Gemm, MatMul")
+    assert line.endswith(f"{value!r}: {bad}give a comma-separated list of Conv, Gemm, MatMul")
+
+
+def test_op_types_and_exclude_that_leave_nothing_name_both(capsys, work):
+    line = expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx", "--op-types", "Gemm",
+                                       "--exclude", "fc"], names=["m.onnx"], fix="")
+    assert line == (f"{PREFIX}m.onnx: no quantizable Conv, Gemm or MatMul layer (fc: excluded by --exclude fc; "
+                    "3 not in --op-types Gemm), 1 excluded by --exclude; give --exclude patterns and --op-types "
+                    "that leave some layers")
 
 
 @pytest.mark.parametrize("weight,reason", [("input", "the weight is a graph input"),

@@ -154,8 +154,9 @@ def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric,
     from onnxobq.graph.layers import from_matrix, to_matrix
     from onnxobq.quant import fit_grid
     from onnxobq.solvers import METHODS
-    # groups of 4 columns: a 3x3 conv's 27 (the last group of 3), a depthwise conv's 9, a
-    # grouped 1x1 conv's 2 (one short group), Gemm transB=1's 8, MatMul's 6, Gemm transB=0's 4
+    # groups of 4 columns: a 3x3 conv's 27 (the last group of 3), a depthwise conv's 9, Gemm
+    # transB=1's 8, MatMul's 6 (two groups, the last of 2); a grouped 1x1 conv's 2 and Gemm
+    # transB=0's 4 make one group, which is the per-channel grid and stored as one
     model = prepare_opset(make(), "qdq", None, grouped=True)
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
     scan, q = grouped(model, 4, bits, symmetric)
@@ -163,12 +164,14 @@ def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric,
         W = to_matrix(layer, scan.weights[layer.name]).astype(np.float64)
         Q = METHODS["rtn"].solve(W, None, fit_grid(W, GridSpec(bits=bits, symmetric=symmetric, group_size=4))).Q
         np.testing.assert_allclose(ql.weight(), from_matrix(layer, Q).astype(np.float32), rtol=1e-6)
-        assert ql.scale.shape == (layer.groups * layer.rows, -(-layer.cols // 4))
+        O = layer.groups * layer.rows
+        assert ql.scale.shape == ((O, -(-layer.cols // 4)) if layer.cols > 4 else (O,))
     fake = build_model(model, q, "fake", 21, symmetric)
     qdq = build_model(model, q, "qdq", 21, symmetric)
     onnx.checker.check_model(qdq, full_check=True)
     dq = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == len(q) and all({a.name: a.i for a in n.attribute}["block_size"] == 4 for n in dq)
+    assert [{a.name: a.i for a in n.attribute}.get("block_size") for n in dq] == [
+        4 if layer.cols > 4 else None for layer in scan.layers]
     x = np.random.default_rng(1).standard_normal([d.dim_value or 2 for d in model.graph.input[0].type
                                                  .tensor_type.shape.dim]).astype(np.float32)
     np.testing.assert_allclose(builders.run(qdq, {"x": x})[0], builders.run(fake, {"x": x})[0], rtol=1e-5, atol=1e-5)
