@@ -86,7 +86,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
                        activations=_activation_summary(cfg, scan, act_scales),
-                       notes=fold_notes + act_notes + _unmatched_notes(cfg, found))
+                       notes=fold_notes + act_notes + _unmatched_notes(cfg, found, scan))
     if cfg.report:
         try:
             write_json(report, cfg.report)
@@ -97,11 +97,17 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     return report
 
 
-def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan) -> list[str]:
-    return [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
-            for option, patterns in (("--exclude", cfg.exclude), ("--layer-bits", [g for g, _ in cfg.layer_bits]),
-                                     ("--layer-group-size", [g for g, _ in cfg.layer_group_size]))
-            for p in unmatched(found, patterns)]
+def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan, scan: LayerScan) -> list[str]:
+    """Notes for the --exclude, --layer-bits and --layer-group-size patterns that match no
+    layer, and for the per-layer settings that match only layers left in float."""
+    per_layer = (("--layer-bits", [g for g, _ in cfg.layer_bits]),
+                 ("--layer-group-size", [g for g, _ in cfg.layer_group_size]))
+    none = [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
+            for option, patterns in (("--exclude", cfg.exclude), *per_layer) for p in unmatched(found, patterns)]
+    idle = [f"{option} {p} matched only layers left in float"
+            for option, patterns in per_layer for p in patterns
+            if p not in unmatched(found, [p]) and not any(_matches(layer, p) for layer in scan.layers)]
+    return none + idle
 
 
 def _activation_scales(cfg: QuantizeConfig, scan: LayerScan, captured: Captured) -> tuple[dict, list[str]]:

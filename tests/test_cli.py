@@ -247,6 +247,17 @@ def test_op_types_quantize_only_those_ops(capsys, stack):
     assert r["settings"]["op_types"] == ["Gemm"]
 
 
+def test_per_layer_settings_that_reach_only_skipped_layers_are_noted(capsys, stack):
+    model, calib, _ = stack
+    code, out, err = cli(capsys, "quantize", model, "--method", "rtn", "--op-types", "Gemm", "--layer-bits", "conv1=8",
+                         "--layer-group-size", "dw=4", "--layer-bits", "fc=6", "-o", model.parent / "g.onnx",
+                         "--no-bn-reestimate")
+    assert code == 0, err
+    assert [l for l in out.splitlines() if "matched" in l] == [
+        "note: --layer-bits conv1 matched only layers left in float",
+        "note: --layer-group-size dw matched only layers left in float"]
+
+
 def test_repeated_op_types_add_up(capsys, stack):
     model, calib, _ = stack
     code, out, err = cli(capsys, "quantize", model, "--method", "rtn", "--op-types", "Gemm", "--op-types",
