@@ -9,10 +9,9 @@ import sys
 import click
 
 from . import pipeline
-from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, ORDERS, PRECISIONS,
+from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, OP_TYPES, ORDERS, PRECISIONS,
                      BNConfig, CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
 from .errors import UserError
-from .graph.layers import QUANTIZABLE_OPS
 from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
 
 
@@ -71,10 +70,10 @@ class OpTypes(click.ParamType):
         if isinstance(value, tuple):
             return value
         ops = tuple(dict.fromkeys(op.strip() for op in str(value).split(",") if op.strip()))
-        bad = [op for op in ops if op not in QUANTIZABLE_OPS]
+        bad = [op for op in ops if op not in OP_TYPES]
         if bad or not ops:
             what = f"{', '.join(bad)} is not an op onnxobq quantizes; " if bad and len(ops) > 1 else ""
-            self.fail(f"{value!r}: {what}give a comma-separated list of {', '.join(QUANTIZABLE_OPS)}", param, ctx)
+            self.fail(f"{value!r}: {what}give a comma-separated list of {', '.join(OP_TYPES)}", param, ctx)
         return ops
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .calibration import CalibConfig, ImageOptions  # noqa: F401  (re-exported for the CLI)
+from .graph.layers import QUANTIZABLE_OPS as OP_TYPES
 from .quant import GridSpec
 from .solvers import METHODS, ORDERS, Damping
 
 METHOD_NAMES = tuple(sorted(METHODS))
 __all__ = ["BNConfig", "CalibConfig", "Damping", "GridSpec", "ImageOptions", "QuantizeConfig",
-           "SolveConfig", "DEVICES", "FORMATS", "IMAGE_PRESETS", "METHOD_NAMES", "ORDERS", "PRECISIONS"]
+           "SolveConfig", "DEVICES", "FORMATS", "IMAGE_PRESETS", "METHOD_NAMES", "OP_TYPES", "ORDERS", "PRECISIONS"]
 
 FORMATS = ("qdq", "fake")
 DEVICES = ("auto", "cpu", "cuda")
