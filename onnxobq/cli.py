@@ -270,6 +270,9 @@ def cli():
 @click.option("--act-calib", type=click.Choice(ACT_CALIBRATIONS),
               help="How --act-bits sets each scale from the calibration data: mse (default): the clipping point "
                    f"of least squared error; max: max |x|; percentile: the {PERCENTILE}th percentile of |x|.")
+@click.option("--act-exclude", multiple=True, metavar="GLOB",
+              help="With --act-bits, keep the inputs of layers whose name or weight matches in float (their "
+                   "weights are still quantized). Repeatable.")
 @calib_options
 @click.option("--bn-reestimate/--no-bn-reestimate", default=True, show_default=True,
               help="Re-estimate BatchNorm statistics on the quantized model (kept only if the output error drops).")
@@ -306,12 +309,15 @@ def cli():
                    "instead of capturing them (--calib is still read for BN re-estimation).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, group_size, fmt, opset, act_bits, act_calib, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
+             scale_search, group_size, fmt, opset, act_bits, act_calib, act_exclude, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
              exclude, op_types, layer_bits, layer_group_size, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
     if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
         raise click.BadParameter(f"--method {method} has no column order; drop --order",
                                  param_hint="--order")
+    if act_exclude and act_bits is None:
+        raise click.BadParameter(f"--act-exclude {act_exclude[0]} keeps some layer inputs out of --act-bits; give "
+                                 "--act-bits 8 or drop --act-exclude", param_hint="--act-exclude")
     if act_calib is not None and act_bits is None:
         raise click.BadParameter(f"--act-calib {act_calib} sets the scales of --act-bits; give --act-bits 8 "
                                  "or drop --act-calib", param_hint="--act-calib")
@@ -340,7 +346,7 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         device=device, exclude=tuple(exclude), op_types=tuple(dict.fromkeys(op for ops in op_types for op in ops)), layer_bits=tuple(layer_bits),
         layer_group_size=tuple(layer_group_size), report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
-        act_calib=act_calib or "mse")
+        act_calib=act_calib or "mse", act_exclude=tuple(act_exclude))
     report = pipeline.run(cfg, BarProgress(not quiet))
     if not quiet:
         click.echo(pipeline.layer_table(report))

@@ -100,6 +100,8 @@ class QuantizeConfig:
             before the layer; None: weights only.
         act_calib: how each activation scale comes from the calibration data (see
             quant.activations: "max", "percentile" or "mse").
+        act_exclude: glob patterns of layers whose inputs stay in float with ``act_bits``
+            (their weights are still quantized).
     """
 
     model: str
@@ -119,6 +121,7 @@ class QuantizeConfig:
     save_hessians: str | None = None
     act_bits: int | None = None
     act_calib: str = "mse"
+    act_exclude: tuple[str, ...] = ()
 
     @property
     def grouped(self) -> bool:

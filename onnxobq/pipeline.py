@@ -61,7 +61,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
             save_hessians(cfg.save_hessians, captured, scan.layers, cfg.model, cfg.calib)
-    act_scales, act_notes = _activation_scales(cfg, scan, captured)
+    act_layers = [layer for layer in scan.layers if not any(_matches(layer, p) for p in cfg.act_exclude)]
+    act_scales, act_notes = _activation_scales(cfg, act_layers, captured)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(scan, captured, cfg, xp, progress)
     samples = captured.samples
@@ -78,14 +79,15 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     else:
         edits = ()
     with _stage(stages, "export"):
-        out = build_model(model, qlayers, cfg.format, opset, symmetric, edits, act_scales)
+        act_skip = frozenset(layer.name for layer in scan.layers) - {layer.name for layer in act_layers}
+        out = build_model(model, qlayers, cfg.format, opset, symmetric, edits, act_scales, act_skip)
         written = save_model(out, cfg.output, external=True if external else None)
     report = RunReport(settings=_settings(cfg, opset), layers=stats, skipped=scan.skipped,
                        stages=stages, samples=samples, device=device_name(xp),
                        storage=_storage(cfg, opset, [q.bits for q in qlayers], [q.group_size for q in qlayers]),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                       activations=_activation_summary(cfg, scan, act_scales),
+                       activations=_activation_summary(cfg, act_layers, act_scales),
                        notes=fold_notes + act_notes + _unmatched_notes(cfg, found, scan))
     if cfg.report:
         try:
@@ -103,28 +105,29 @@ def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan, scan: LayerScan) -> 
     per_layer = (("--layer-bits", [g for g, _ in cfg.layer_bits]),
                  ("--layer-group-size", [g for g, _ in cfg.layer_group_size]))
     none = [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
-            for option, patterns in (("--exclude", cfg.exclude), *per_layer) for p in unmatched(found, patterns)]
+            for option, patterns in (("--exclude", cfg.exclude), *per_layer, ("--act-exclude", cfg.act_exclude))
+            for p in unmatched(found, patterns)]
     idle = [f"{option} {p} matched only layers left in float"
             for option, patterns in per_layer for p in patterns
             if p not in unmatched(found, [p]) and not any(_matches(layer, p) for layer in scan.layers)]
     return none + idle
 
 
-def _activation_scales(cfg: QuantizeConfig, scan: LayerScan, captured: Captured) -> tuple[dict, list[str]]:
-    """The INT8 scales of the layers' inputs (--act-bits) from the captured ranges, and notes."""
+def _activation_scales(cfg: QuantizeConfig, layers: list, captured: Captured) -> tuple[dict, list[str]]:
+    """The INT8 scales of the inputs of ``layers`` (--act-bits) from the captured ranges, and notes."""
     if cfg.act_bits is None:
         return {}, []
-    needed = list(dict.fromkeys(use.input for layer in scan.layers for use in layer.each_use()))
+    needed = list(dict.fromkeys(use.input for layer in layers for use in layer.each_use()))
     if set(needed) - set(captured.ranges):     # a --hessians file saved without --act-bits
         raise UserError(f"--hessians {cfg.hessians}: saved without the activation ranges that --act-bits "
                         "needs; capture them again with --act-bits and --save-hessians")
     return activation_scales({name: captured.ranges[name] for name in needed}, cfg.act_bits, cfg.act_calib)
 
 
-def _activation_summary(cfg: QuantizeConfig, scan: LayerScan, scales: dict) -> dict:
+def _activation_summary(cfg: QuantizeConfig, layers: list, scales: dict) -> dict:
     if cfg.act_bits is None:
         return {"enabled": False}
-    inputs = sum(use.input in scales for layer in scan.layers for use in layer.each_use())
+    inputs = sum(use.input in scales for layer in layers for use in layer.each_use())
     return {"enabled": True, "bits": cfg.act_bits, "calibration": cfg.act_calib, "layer_inputs": inputs,
             "tensors": len(scales), "scales": scales}
 

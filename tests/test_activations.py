@@ -1,4 +1,5 @@
 """Activation quantization (--act-bits): the |x| histograms, the scales, and the QDQ pairs written."""
+import json
 import math
 
 import numpy as np
@@ -192,4 +193,37 @@ def test_act_bits_without_data_and_act_calib_without_act_bits_are_errors(tmp_pat
     err = capsys.readouterr().err
     assert "--act-calib mse sets the scales of --act-bits; give --act-bits 8 or drop --act-calib" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_act_exclude_keeps_those_layers_inputs_in_float(tmp_path, capsys):
+    # p3 is read by three convs: the excluded head (which also reads p4) gets the float tensors,
+    # the other two the pair
+    onnx.save(builders.shared_head(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=builders.rng(6).standard_normal((8, 3, 12, 12)).astype(np.float32))
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", str(tmp_path / "c.npz"),
+                 "--act-exclude", "head_p3", "--act-exclude", "nothing*", "-o", str(tmp_path / "q.onnx"),
+                 "--no-bn-reestimate", "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    q = onnx.load(tmp_path / "q.onnx")
+    quants = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(n.input[0] for n in quants) == ["p3", "x"]
+    dq_of = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    fed = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Conv"}
+    p3 = dq_of[next(n.output[0] for n in quants if n.input[0] == "p3")]
+    assert fed["down"] == fed["other"] == p3 and (fed["head_p3"], fed["head_p4"]) == ("p3", "p4")
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and "act" not in n.input[0]
+               for n in q.graph.node) == 4                       # every weight is still quantized
+    assert "on 3 layer inputs (2 tensors)" in out
+    assert "note: --act-exclude nothing* matched no layer (onnxobq inspect lists their names)" in out
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["act_exclude"] == ["head_p3", "nothing*"]
+
+
+def test_act_exclude_without_act_bits_is_an_error(tmp_path, capsys):
+    onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--act-exclude", "fc", "--calib", "random"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("onnxobq: error: Invalid value for --act-exclude: --act-exclude fc keeps some layer inputs out "
+                   "of --act-bits; give --act-bits 8 or drop --act-exclude\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

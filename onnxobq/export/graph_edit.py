@@ -215,7 +215,8 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
 
 
 def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str, opset: int,
-                symmetric: bool = True, bn_edits: tuple = (), act_scales: dict | None = None) -> onnx.ModelProto:
+                symmetric: bool = True, bn_edits: tuple = (), act_scales: dict | None = None,
+                act_skip: frozenset = frozenset()) -> onnx.ModelProto:
     """The float model with quantized weights (and BN edits) written in.
 
     Args:
@@ -227,6 +228,7 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
         bn_edits: BNEdit values to apply after the weights.
         act_scales: INT8 scales of the layers' input activations by tensor name, quantized
             with QuantizeLinear/DequantizeLinear before the layers (None: weights only).
+        act_skip: names of layers whose inputs stay in float even so (--act-exclude).
 
     Returns:
         A new ModelProto.
@@ -234,7 +236,7 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
     graph = gs.import_onnx(model)
     apply_quantized(graph, qlayers, fmt, opset, symmetric)
     if act_scales:
-        insert_activation_qdq(graph, qlayers, act_scales, opset, set())
+        insert_activation_qdq(graph, [q for q in qlayers if q.layer.name not in act_skip], act_scales, opset, set())
     for edit in bn_edits:
         apply_bn_edit(graph, edit)
     graph.cleanup().toposort()
