@@ -61,7 +61,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
             save_hessians(cfg.save_hessians, captured, scan.layers, cfg.model, cfg.calib)
-    act_layers = [layer for layer in scan.layers if not any(_matches(layer, p) for p in cfg.act_exclude)]
+    act_skip = frozenset(l.name for l in scan.layers if any(_matches(l, p) for p in cfg.act_exclude))
+    act_layers = [layer for layer in scan.layers if layer.name not in act_skip]     # --act-bits inputs
     act_scales, act_notes = _activation_scales(cfg, act_layers, captured)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(scan, captured, cfg, xp, progress)
@@ -79,7 +80,6 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     else:
         edits = ()
     with _stage(stages, "export"):
-        act_skip = frozenset(layer.name for layer in scan.layers) - {layer.name for layer in act_layers}
         out = build_model(model, qlayers, cfg.format, opset, symmetric, edits, act_scales, act_skip)
         written = save_model(out, cfg.output, external=True if external else None)
     report = RunReport(settings=_settings(cfg, opset), layers=stats, skipped=scan.skipped,
