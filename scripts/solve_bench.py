@@ -142,7 +142,7 @@ def obq_sample_rows(R: int, C: int, itemsize: int, want: int, xp) -> int:
     return min(R, batch * math.ceil(want / batch))
 
 
-def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float, int]:
+def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int, group_size: int = 0) -> tuple[float, int]:
     """Best-of-``repeat`` seconds for one solve scaled to all rows, and the rows actually solved.
 
     Exact OBQ solves whole row batches of ``obq_sample_rows`` rows; its time is scaled by
@@ -161,7 +161,8 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
         batch = row_batch(R, C, W.dtype.itemsize, xp)
         factor = math.ceil(R / batch) / math.ceil(rows / batch)
         W = W[:, :rows].copy()
-    grid = fit_grid(W, GridSpec(bits=4), xp)
+    spec = GridSpec(bits=4, group_size=group_size if group_size < C else 0)   # as onnxobq quantize
+    grid = fit_grid(W, spec, xp)
     solver = METHODS[method]
     kwargs = {} if method == "rtn" else dict(order=solver.default_order)
     if repeat == 0:
@@ -169,7 +170,7 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int) -> tuple[float
         # ResNet-50 shapes took 6.5 to 6.7 s of exact OBQ on a fresh GPU machine, against
         # 0.2 to 0.4 s for shapes beside them with more work.
         few = W[:, :min(8, R)].copy()
-        solver.solve(few, None if method == "rtn" else H, fit_grid(few, GridSpec(bits=4), xp), xp=xp, **kwargs)
+        solver.solve(few, None if method == "rtn" else H, fit_grid(few, spec, xp), xp=xp, **kwargs)
     best = np.inf
     for i in range(repeat + 1):                 # the first run warms up (kernel compilation)
         synchronize(xp)
@@ -199,7 +200,7 @@ def model_layers(model) -> list:
     return scan_layers(gs.import_onnx(model)).layers
 
 
-def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int) -> tuple[dict, int]:
+def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int, group_size: int = 0) -> tuple[dict, int]:
     """Seconds per method to solve ``layers`` as ``onnxobq quantize`` groups them on a GPU
     (``solve.plan_stacks``: same-shaped small layers as one stack), and the number of stacks."""
     from onnxobq.solve import STACK_MAX_BYTES, plan_stacks
@@ -210,7 +211,7 @@ def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int) -
         first = layers[stack[0]]
         W, H = problem(sum(layers[i].groups for i in stack), first.rows, first.cols, xp, dtype)
         for m in methods:
-            totals[m] += time_solve(m, W, H, xp, repeat, first.rows)[0]
+            totals[m] += time_solve(m, W, H, xp, repeat, first.rows, group_size)[0]
         del W, H
     return totals, len(plan)
 
@@ -240,6 +241,8 @@ def main(argv=None) -> int:
                    help="set onnxobq.solvers.common.GPU_RECURSIVE_MIN_COLS: on CuPy, layers of at least "
                         "this many columns build their inverse Cholesky factors by halves in matrix "
                         "products (default: the package's value)")
+    p.add_argument("--group-size", type=int, default=0,
+                   help="W4 grids with one scale per this many columns (default 0: per row), as --group-size")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -263,7 +266,8 @@ def main(argv=None) -> int:
     if xp.__name__ == "cupy":
         props = xp.cuda.runtime.getDeviceProperties(0)
         device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    print(f"device {device}, {dtype}, best of {args.repeat}, GPU_RECURSIVE_MIN_COLS {common.GPU_RECURSIVE_MIN_COLS:g}")
+    print(f"device {device}, {dtype}, best of {args.repeat}, GPU_RECURSIVE_MIN_COLS {common.GPU_RECURSIVE_MIN_COLS:g}"
+          + (f", groups of {args.group_size}" if args.group_size else ""))
     print(f"{'problem':>22} {'G':>4} {'R':>5} {'C':>5} " + " ".join(f"{m + ' s':>12} {'GF/s':>7}" for m in methods))
     records, totals, per_shape = [], {m: 0.0 for m in methods}, {}
     for name, G, R, C in shapes:
@@ -272,7 +276,7 @@ def main(argv=None) -> int:
         for m in methods:
             reused = m == "obq" and args.obq_per_shape and (m, G, R, C) in per_shape
             if not reused:
-                per_shape[m, G, R, C] = time_solve(m, W, H, xp, args.repeat, args.obq_rows)
+                per_shape[m, G, R, C] = time_solve(m, W, H, xp, args.repeat, args.obq_rows, args.group_size)
             scaled, rows = per_shape[m, G, R, C]
             totals[m] += scaled
             gf = nominal_flops(m, G, R, C) / scaled / 1e9 if scaled > 0 else 0.0
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
     stacked = None
     if args.stacked and layers:
         stack_methods = [m for m in methods if m != "obq"]
-        stacked, count = time_stacks(layers, stack_methods, xp, dtype, args.repeat)
+        stacked, count = time_stacks(layers, stack_methods, xp, dtype, args.repeat, args.group_size)
         print(f"stacked as onnxobq quantize solves them on a GPU ({count} solves for {len(layers)} layers): "
               + ", ".join(f"{m} {stacked[m]:.3f} s ({totals[m] / stacked[m]:.2f}x faster than one by one)"
                           for m in stack_methods))
