@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4 in one call of the device machine (about 5 minutes on an H100; the
-# step limits below add up to 500 s, so that one call fits the 600 s a command may run and a
+# step limits below add up to 540 s, so that one call fits the 600 s a command may run and a
 # session's 15 minutes of device time leave room for the machine's start):
 #   1. the GPU tests (pytest -m gpu);
 #   2. the solver alone over ResNet-50's 54 layers, one by one and stacked (FastOBQ, GPTQ), as it
 #      is and with common.GPU_RECURSIVE_MIN_COLS = 1024 (inverse factors by halves);
+#      and FastOBQ with --group-size 128 (the plain CuPy sweep: the fused kernel takes one
+#      scale per row);
 #   3. the float32 scaling table, d_col 256..8192 by d_row 256..4096, with its fitted cost model;
 #   4. end to end, ResNet-50 W4 on 2,048 random images in batches of 64, BN off (FastOBQ).
 # Each step's output goes to $OUT/NAME.log (and JSON where the script writes some), and
@@ -53,8 +55,10 @@ step() {   # step NAME LIMIT_SECONDS COMMAND...
   python3 -c "import cupy; print('cupy', cupy.__version__)" 2>&1; } > "$OUT/summary.txt"
 
 step tests 100 python3 -m pytest -q -m gpu tests/test_gpu.py
-step solve_resnet50 80 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
-    --methods fastobq,gptq --repeat 3 --stacked
+# (and, in the same log, FastOBQ with groups of 128: the step's files stay within the 8 that come back)
+step solve_resnet50 120 bash -c "python3 scripts/solve_bench.py --device $DEVICE --resnet50 $RESNET \
+    --methods fastobq,gptq --repeat 3 --stacked && python3 scripts/solve_bench.py --device $DEVICE \
+    --resnet50 $RESNET --methods fastobq --repeat 3 --stacked --group-size 128"
 # the same with the inverse Cholesky factors of layers of 1,024+ columns built by halves
 step solve_resnet50_rec 80 python3 scripts/solve_bench.py --device "$DEVICE" --resnet50 $RESNET \
     --methods fastobq,gptq --repeat 3 --stacked --gpu-recursive-min-cols 1024
