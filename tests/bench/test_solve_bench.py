@@ -22,9 +22,9 @@ def test_obq_per_shape_times_each_shape_once_and_counts_it_for_every_layer(tmp_p
     calls = []
     real = solve_bench.time_solve
 
-    def counted(method, W, H, xp, repeat, obq_rows):
+    def counted(method, W, H, xp, repeat, obq_rows, group_size=0):
         calls.append((method, W.shape))
-        return real(method, W, H, xp, repeat, obq_rows)
+        return real(method, W, H, xp, repeat, obq_rows, group_size)
 
     monkeypatch.setattr(solve_bench, "time_solve", counted)
     out = tmp_path / "r.json"
