@@ -50,7 +50,7 @@ class GlobBits(click.ParamType):
             return value
         glob, sep, n = str(value).rpartition("=")
         example = "'conv1=8'" if self.what == "bits" else "'*MatMul*=128'"
-        if not sep or not glob:
+        if not sep or not glob.strip():
             self.fail(f"{value!r}: give {self.name}, e.g. {example}", param, ctx)
         whole = n.strip().isascii() and n.strip().isdigit()
         if self.what == "bits" and (not whole or not 2 <= int(n) <= 8):
@@ -59,6 +59,18 @@ class GlobBits(click.ParamType):
             self.fail(f"{value!r}: the group size must be a whole number (0: one scale per output channel)",
                       param, ctx)
         return glob, int(n)
+
+
+class Glob(click.ParamType):
+    """A layer-name glob that is not blank (a blank one would match nothing, silently)."""
+
+    name = "GLOB"
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail(f"{value!r}: give a glob of layer or weight names, e.g. 'Conv_1*' (onnxobq inspect lists "
+                      "them)", param, ctx)
+        return str(value)
 
 
 class OpTypes(click.ParamType):
@@ -270,7 +282,7 @@ def cli():
 @click.option("--act-calib", type=click.Choice(ACT_CALIBRATIONS),
               help="How --act-bits sets each scale from the calibration data: mse (default): the clipping point "
                    f"of least squared error; max: max |x|; percentile: the {PERCENTILE}th percentile of |x|.")
-@click.option("--act-exclude", multiple=True, metavar="GLOB",
+@click.option("--act-exclude", multiple=True, type=Glob(),
               help="With --act-bits, keep the inputs of layers whose name or weight matches in float (their "
                    "weights are still quantized). Repeatable.")
 @calib_options
@@ -288,7 +300,7 @@ def cli():
 @click.option("--bn-samples", type=SamplesOrAll(), default=str(DEFAULT_BN_SAMPLES), show_default=True, metavar="N|all",
               help="Run the BN passes on N calibration samples at even steps through them (whole batches where "
                    "the model fixes one), or on all of them.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers whose name or weight matches in float. Repeatable.")
+@click.option("--exclude", multiple=True, type=Glob(), help="Leave layers whose name or weight matches in float. Repeatable.")
 @click.option("--op-types", type=OpTypes(), multiple=True, help="Quantize only layers of these ops, e.g. "
               "'MatMul,Gemm' (default: Conv, Gemm and MatMul); the others stay in float. Repeatable.")
 @click.option("--layer-bits", multiple=True, type=GlobBits(),

@@ -106,7 +106,7 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
             i = index.get(repr(key))
             if i is None:
                 raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
-                                f"(saved with other --exclude patterns?); {again}")
+                                f"(saved with other --exclude or --op-types?); {again}")
             if key not in hessians:
                 H, n = _arrays(npz, i, layer)
                 if H is None:

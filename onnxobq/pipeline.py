@@ -38,9 +38,10 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     stages: dict[str, float] = {}
     with _stage(stages, "load"):
         check_output_path(cfg.model, cfg.output)
-        model, found, fold_notes = scan_folded(prepare_opset(load_model(cfg.model), cfg.format, cfg.opset,
+        model = load_model(cfg.model)
+        model, found, fold_notes = scan_folded(prepare_opset(model, cfg.format, cfg.opset,
                                                              activations=cfg.act_bits is not None,
-                                                             grouped=cfg.grouped))
+                                                             grouped=_grouping_option(cfg, model)))
         external = stored_externally(cfg.model)
         scan = exclude(found, cfg.exclude, cfg.op_types)
         _check_inputs(cfg, scan)
@@ -87,7 +88,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
                        storage=_storage(cfg, opset, [q.bits for q in qlayers], [q.group_size for q in qlayers]),
                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=_gpu_peak(xp),
                        bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                       activations=_activation_summary(cfg, act_layers, act_scales),
+                       activations=_activation_summary(cfg, act_layers, act_scales, sorted(act_skip)),
                        notes=fold_notes + act_notes + _unmatched_notes(cfg, found, scan))
     if cfg.report:
         try:
@@ -103,10 +104,9 @@ def _unmatched_notes(cfg: QuantizeConfig, found: LayerScan, scan: LayerScan) -> 
     """Notes for the --exclude, --layer-bits and --layer-group-size patterns that match no
     layer, and for the per-layer settings that match only layers left in float."""
     per_layer = (("--layer-bits", [g for g, _ in cfg.layer_bits]),
-                 ("--layer-group-size", [g for g, _ in cfg.layer_group_size]))
+                 ("--layer-group-size", [g for g, _ in cfg.layer_group_size]), ("--act-exclude", cfg.act_exclude))
     none = [f"{option} {p} matched no layer (onnxobq inspect lists their names)"
-            for option, patterns in (("--exclude", cfg.exclude), *per_layer, ("--act-exclude", cfg.act_exclude))
-            for p in unmatched(found, patterns)]
+            for option, patterns in (("--exclude", cfg.exclude), *per_layer) for p in unmatched(found, patterns)]
     idle = [f"{option} {p} matched only layers left in float"
             for option, patterns in per_layer for p in patterns
             if p not in unmatched(found, [p]) and not any(_matches(layer, p) for layer in scan.layers)]
@@ -124,12 +124,12 @@ def _activation_scales(cfg: QuantizeConfig, layers: list, captured: Captured) ->
     return activation_scales({name: captured.ranges[name] for name in needed}, cfg.act_bits, cfg.act_calib)
 
 
-def _activation_summary(cfg: QuantizeConfig, layers: list, scales: dict) -> dict:
+def _activation_summary(cfg: QuantizeConfig, layers: list, scales: dict, excluded: list) -> dict:
     if cfg.act_bits is None:
         return {"enabled": False}
     inputs = sum(use.input in scales for layer in layers for use in layer.each_use())
     return {"enabled": True, "bits": cfg.act_bits, "calibration": cfg.act_calib, "layer_inputs": inputs,
-            "tensors": len(scales), "scales": scales}
+            "tensors": len(scales), "scales": scales, "excluded": excluded}
 
 
 def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, progress: Progress):
@@ -158,6 +158,19 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
         progress.advance(len(stack))
     progress.finish()
     return [q for q, _ in results], [s for _, s in results]
+
+
+def _grouping_option(cfg: QuantizeConfig, model) -> str:
+    """The option that gives some layer to be quantized a scale per group of inputs ("" if none):
+    only then does QDQ need opset 21 (a scan of the model as loaded decides)."""
+    if cfg.format != "qdq" or not cfg.grouped:
+        return ""
+    _, found, _ = scan_folded(model)
+    grouped = [layer for layer in exclude(found, cfg.exclude, cfg.op_types).layers if layer_grid(layer, cfg).group_size]
+    if not grouped:
+        return ""
+    from_default = any(not any(_matches(layer, g) for g, _ in cfg.layer_group_size) for layer in grouped)
+    return "--group-size" if from_default else "--layer-group-size"
 
 
 def layer_grid(layer, cfg: QuantizeConfig):
@@ -265,7 +278,7 @@ def _storage(cfg: QuantizeConfig, opset: int, bits: list[int], groups: list[int]
     for b, n in counts:
         count = f" ({n} layer{'s' * (n > 1)})" if len(counts) > 1 else ""
         if cfg.format == "fake":
-            parts.append(f"float weights on a {b}-bit grid{count}")
+            parts.append(f"float weights on {'an' if b == 8 else 'a'} {b}-bit grid{count}")
             continue
         kind = storage_type(b, cfg.solve.grid.symmetric, opset)
         parts.append(f"{kind} weights holding {b}-bit codes{count}")
@@ -274,8 +287,11 @@ def _storage(cfg: QuantizeConfig, opset: int, bits: list[int], groups: list[int]
     sizes = Counter(groups)
     if len(sizes) == 1 and 0 not in sizes:
         scales = f", one scale per {groups[0]} inputs"
-    else:       # --layer-group-size gave some layers groups (or took them away)
-        scales = "".join(f", one scale per {g} inputs in {n} layer{'s' * (n > 1)}" for g, n in sorted(sizes.items()) if g)
+    elif len(sizes) > 1:       # --layer-group-size (or a layer's few inputs) gave layers other group sizes
+        scales = "".join(f", one scale per {f'{g} inputs' if g else 'channel'} in {n} layer{'s' * (n > 1)}"
+                         for g, n in sorted(sizes.items(), key=lambda item: (item[0] == 0, item[0])))
+    else:
+        scales = ""
     return ", ".join(parts) + scales + (f"; --opset 21 stores {which} as 4-bit" if small_in_8 else "")
 
 

@@ -138,9 +138,11 @@ def summary_lines(report: RunReport) -> list[str]:
     out.extend(bn_lines(report.bn, report.samples))
     act = report.activations
     if act.get("enabled"):
-        out.append(f"activations: INT{act['bits']} QuantizeLinear/DequantizeLinear on {act['layer_inputs']} layer "
-                   f"inputs ({act['tensors']} tensors), one scale per tensor ({act['calibration']} calibration "
-                   f"over the {report.samples} calibration samples)")
+        n, t, kept = act["layer_inputs"], act["tensors"], act.get("excluded", [])
+        float_note = f"; {len(kept)} layer{'s' * (len(kept) != 1)} kept in float by --act-exclude" if kept else ""
+        out.append(f"activations: INT{act['bits']} QuantizeLinear/DequantizeLinear on {n} layer input{'s' * (n != 1)} "
+                   f"({t} tensor{'s' * (t != 1)}), one scale per tensor ({act['calibration']} calibration "
+                   f"over the {report.samples} calibration samples){float_note}")
     out.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.stages.items()) +
                f"; total {sum(report.stages.values()):.2f}s" +
                ("" if report.capture_waited is None else

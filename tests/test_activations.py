@@ -227,3 +227,27 @@ def test_act_exclude_without_act_bits_is_an_error(tmp_path, capsys):
     assert err == ("onnxobq: error: Invalid value for --act-exclude: --act-exclude fc keeps some layer inputs out "
                    "of --act-bits; give --act-bits 8 or drop --act-exclude\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_act_exclude_is_counted_and_noted_where_it_reaches_only_skipped_layers(tmp_path, capsys):
+    onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", "random", "--exclude", "fc",
+                 "--act-exclude", "fc", "--act-exclude", "dw", "-o", str(tmp_path / "q.onnx"), "--no-bn-reestimate",
+                 "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "note: --act-exclude fc matched only layers left in float" in out
+    assert ("activations: INT8 QuantizeLinear/DequantizeLinear on 2 layer inputs (2 tensors), one scale per tensor "
+            "(mse calibration over the 8 calibration samples); 1 layer kept in float by --act-exclude") in out
+    assert json.loads((tmp_path / "r.json").read_text())["activations"]["excluded"] == ["dw"]
+
+
+@pytest.mark.parametrize("option,value", [("--act-exclude", " "), ("--exclude", ""), ("--layer-group-size", " =4"),
+                                          ("--layer-bits", "=8")])
+def test_a_blank_pattern_is_one_line(tmp_path, capsys, option, value):
+    onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", "random", option, value,
+                 "-o", str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"onnxobq: error: Invalid value for '{option}': {value!r}: give ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

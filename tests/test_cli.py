@@ -82,7 +82,8 @@ def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
                          "--group-size", 4, "--no-bn-reestimate", "--report", report)
     assert code == 0, err
     written = model.parent / "stack.w4g4.qdq.onnx"
-    assert f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs in 3 layers)" in out
+    assert (f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs in 3 layers, one scale "
+            "per channel in 1 layer)") in out
     q = onnx.load(written)
     assert [o.version for o in q.opset_import if o.domain == ""] == [21]
     dq = {n.input[0].rsplit("_quantized", 1)[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
@@ -113,7 +114,7 @@ def test_layer_group_size_gives_some_layers_groups(capsys, stack, args, blocked)
                              "--format", fmt, "-o", tmp / f"{fmt}.onnx", *args)
         assert code == 0, err
     n = len(blocked)
-    assert f"one scale per 4 inputs in {n} layer{'s' * (n > 1)})" in out
+    assert f"one scale per 4 inputs in {n} layer{'s' * (n > 1)}, one scale per channel in {4 - n} layers)" in out
     q = onnx.load(tmp / "qdq.onnx")
     assert [o.version for o in q.opset_import if o.domain == ""] == [21]
     attrs = {n.input[0].rsplit("_quantized", 1)[0]: {a.name: a.i for a in n.attribute}
@@ -134,13 +135,28 @@ def test_a_bad_layer_group_size_is_one_line(capsys, stack, value, why):
     assert err == f"onnxobq: error: Invalid value for '--layer-group-size': {value!r}: {why}\n"
 
 
-def test_group_size_below_opset_21_is_one_line_and_status_2(capsys, stack):
+@pytest.mark.parametrize("args,option", [(["--group-size", 4], "--group-size"),
+                                         (["--layer-group-size", "conv1=4"], "--layer-group-size")])
+def test_group_size_below_opset_21_is_one_line_and_status_2(capsys, stack, args, option):
     model, calib, _ = stack
     out = model.parent / "g.onnx"
-    code, _, err = cli(capsys, "quantize", model, "--calib", calib, "--group-size", 32, "--opset", 17, "-o", out)
+    code, _, err = cli(capsys, "quantize", model, "--calib", calib, *args, "--opset", 17, "-o", out)
     assert code == 2 and not out.exists()
-    assert err == ("onnxobq: error: --opset 17: --group-size needs opset 21 or later in QDQ (DequantizeLinear's "
+    assert err == (f"onnxobq: error: --opset 17: {option} needs opset 21 or later in QDQ (DequantizeLinear's "
                    "block_size); give --opset 21 or later, or --format fake\n")
+
+
+@pytest.mark.parametrize("args", [["--group-size", 32], ["--group-size", 4, "--layer-group-size", "*=0"],
+                                  ["--layer-group-size", "nothing=4"], ["--op-types", "Gemm", "--layer-group-size", "conv1=4"]])
+def test_groups_that_reach_no_layer_keep_the_opset(capsys, stack, args):
+    # every layer has 27 inputs or fewer, or is set back to per channel, or is left in float
+    model, calib, _ = stack
+    out = model.parent / "g.onnx"
+    code, _, err = cli(capsys, "quantize", model, "--calib", calib, *args, "-o", out, "-q")
+    assert code == 0, err
+    q = onnx.load(out)
+    assert [o.version for o in q.opset_import if o.domain == ""] == [13]
+    assert not any(a.name == "block_size" for n in q.graph.node for a in n.attribute)
 
 
 def test_asymmetric_grid_uses_unsigned_zero_points(capsys, stack):
@@ -315,7 +331,7 @@ def test_layer_bits_give_matching_layers_their_own_width(capsys, stack):
     assert report["settings"]["layer_bits"] == [["conv1", 8], ["f*", 6], ["fc", 3], ["head*", 8]]
     assert report["notes"] == ["--layer-bits head* matched no layer (onnxobq inspect lists their names)"]
     assert report["storage"] == ("float weights on a 4-bit grid (2 layers), float weights on a 6-bit grid (1 layer), "
-                                 "float weights on a 8-bit grid (1 layer)")
+                                 "float weights on an 8-bit grid (1 layer)")
     mixed, uniform = fake_weights(tmp / "mixed.onnx"), {b: fake_weights(tmp / f"u{b}.onnx") for b in (4, 6, 8)}
     for name, bits in (("w1", 8), ("w2", 4), ("w3", 4), ("wg", 6)):
         np.testing.assert_array_equal(mixed[name], uniform[bits][name])

@@ -68,7 +68,7 @@ def test_wrong_hessian_files_are_refused(capsys, stack, tmp_path):
          f"--hessians {h}: captured with other calibration settings (--calib {calib}, 16 samples); "
          f"give the same --calib options, or {again}"),
         ((model, "--calib", calib, "--hessians", h),
-         f"--hessians {h}: has no Hessian for layer dw (saved with other --exclude patterns?); {again}"),
+         f"--hessians {h}: has no Hessian for layer dw (saved with other --exclude or --op-types?); {again}"),
         ((model, "--calib", calib, "--hessians", calib),
          f"--hessians {calib}: not a Hessian file of this onnxobq version; {again}"),
         ((model, "--calib", calib, "--hessians", tmp_path / "none.npz"),

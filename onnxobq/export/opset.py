@@ -21,7 +21,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
-                  activations: bool = False, grouped: bool = False) -> onnx.ModelProto:
+                  activations: bool = False, grouped: str = "") -> onnx.ModelProto:
     """Convert the model to the opset the output needs.
 
     Args:
@@ -30,8 +30,9 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
         wanted: an explicit --opset, or None.
         activations: the output quantizes activations too (QuantizeLinear, opset 13 or later
             in either format).
-        grouped: the weights have a scale per group of columns (--group-size), which "qdq"
-            stores with DequantizeLinear's block_size (opset 21 or later).
+        grouped: the option that gives some layer a scale per group of columns
+            ("--group-size" or "--layer-group-size"; "": none), which "qdq" stores with
+            DequantizeLinear's block_size (opset 21 or later).
 
     Returns:
         The model itself, or a converted copy.
@@ -58,7 +59,7 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None,
                         "or drop --act-bits")
     blocked = fmt == "qdq" and grouped
     if blocked and wanted is not None and wanted < BLOCKED_MIN_OPSET:
-        raise UserError(f"--opset {wanted}: --group-size needs opset {BLOCKED_MIN_OPSET} or later in QDQ "
+        raise UserError(f"--opset {wanted}: {grouped} needs opset {BLOCKED_MIN_OPSET} or later in QDQ "
                         f"(DequantizeLinear's block_size); give --opset {BLOCKED_MIN_OPSET} or later, "
                         "or --format fake")
     if fmt == "qdq" or activations:

@@ -157,7 +157,7 @@ def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric,
     # groups of 4 columns: a 3x3 conv's 27 (the last group of 3), a depthwise conv's 9, Gemm
     # transB=1's 8, MatMul's 6 (two groups, the last of 2); a grouped 1x1 conv's 2 and Gemm
     # transB=0's 4 make one group, which is the per-channel grid and stored as one
-    model = prepare_opset(make(), "qdq", None, grouped=True)
+    model = prepare_opset(make(), "qdq", None, grouped="--group-size")
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
     scan, q = grouped(model, 4, bits, symmetric)
     for layer, ql in zip(scan.layers, q):         # the dequantized weight is the solver's, laid out back
@@ -179,8 +179,8 @@ def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric,
 
 def test_grouped_qdq_needs_opset_21():
     m = builders.conv_stack(opset=13)
-    assert prepare_opset(m, "fake", None, grouped=True) is m
-    assert [o.version for o in prepare_opset(m, "qdq", 21, grouped=True).opset_import if o.domain == ""] == [21]
+    assert prepare_opset(m, "fake", None, grouped="--group-size") is m
+    assert [o.version for o in prepare_opset(m, "qdq", 21, grouped="--group-size").opset_import if o.domain == ""] == [21]
     with pytest.raises(UserError, match=r"^--opset 17: --group-size needs opset 21 or later in QDQ "
                                         r"\(DequantizeLinear's block_size\); give --opset 21 or later, or --format fake$"):
-        prepare_opset(m, "qdq", 17, grouped=True)
+        prepare_opset(m, "qdq", 17, grouped="--group-size")
