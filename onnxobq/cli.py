@@ -417,9 +417,10 @@ def inspect(model, as_json):
         click.echo(json.dumps({"layers": [asdict(l) for l in scan.layers],
                                "skipped": [asdict(s) for s in scan.skipped], "notes": notes}, indent=2, default=str))
         return
-    rows = [("layer", "op", "weight shape", "d_row x d_col", "groups", "weight lives in")]
-    for l in scan.layers:
-        rows.append((l.name, l.op, "x".join(map(str, l.shape)), f"{l.rows}x{l.cols}", str(l.groups), l.source))
+    rows = [("layer", "op", "weight", "weight shape", "d_row x d_col", "groups", "weight lives in")]
+    for l in scan.layers:       # (--exclude and the other globs match the layer, weight and sharing nodes' names)
+        source = l.source + (f" (also {', '.join(name for name, _, _ in l.uses)})" if l.uses else "")
+        rows.append((l.name, l.op, l.weight, "x".join(map(str, l.shape)), f"{l.rows}x{l.cols}", str(l.groups), source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[:1]))
     click.echo("  ".join("-" * w for w in widths))

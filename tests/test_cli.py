@@ -274,6 +274,16 @@ def test_per_layer_settings_that_reach_only_skipped_layers_are_noted(capsys, sta
         "note: --layer-group-size dw matched only layers left in float"]
 
 
+def test_inspect_names_each_weight_and_the_nodes_that_share_it(capsys, tmp_path):
+    onnx.save(builders.shared_head(), tmp_path / "m.onnx")
+    code, out, err = cli(capsys, "inspect", tmp_path / "m.onnx")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:6]]
+    assert [r[:4] for r in rows] == [["stem", "Conv", "w0", "4x3x3x3"], ["down", "Conv", "w1", "4x4x3x3"],
+                                     ["head_p3", "Conv", "wh", "5x4x3x3"], ["other", "Conv", "wo", "5x4x3x3"]]
+    assert " ".join(rows[2][7:]) == "shared by 2 nodes (also head_p4)"
+
+
 def test_repeated_op_types_add_up(capsys, stack):
     model, calib, _ = stack
     code, out, err = cli(capsys, "quantize", model, "--method", "rtn", "--op-types", "Gemm", "--op-types",
