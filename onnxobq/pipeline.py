@@ -62,8 +62,9 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> RunReport:
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
             save_hessians(cfg.save_hessians, captured, scan.layers, cfg.model, cfg.calib)
-    act_skip = frozenset(l.name for l in scan.layers if any(_matches(l, p) for p in cfg.act_exclude))
-    act_layers = [layer for layer in scan.layers if layer.name not in act_skip]     # --act-bits inputs
+    uses = [use for layer in scan.layers for use in layer.each_use()]     # one per node: --act-exclude names nodes
+    act_skip = frozenset(u.name for u in uses if any(_matches(u, p) for p in cfg.act_exclude))
+    act_layers = [use for use in uses if use.name not in act_skip]        # the nodes whose inputs get pairs
     act_scales, act_notes = _activation_scales(cfg, act_layers, captured)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(scan, captured, cfg, xp, progress)

@@ -139,7 +139,7 @@ def summary_lines(report: RunReport) -> list[str]:
     act = report.activations
     if act.get("enabled"):
         n, t, kept = act["layer_inputs"], act["tensors"], act.get("excluded", [])
-        float_note = f"; {len(kept)} layer{'s' * (len(kept) != 1)} kept in float by --act-exclude" if kept else ""
+        float_note = f"; {len(kept)} layer input{'s' * (len(kept) != 1)} kept in float by --act-exclude" if kept else ""
         out.append(f"activations: INT{act['bits']} QuantizeLinear/DequantizeLinear on {n} layer input{'s' * (n != 1)} "
                    f"({t} tensor{'s' * (t != 1)}), one scale per tensor ({act['calibration']} calibration "
                    f"over the {report.samples} calibration samples){float_note}")

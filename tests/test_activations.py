@@ -197,8 +197,8 @@ def test_act_bits_without_data_and_act_calib_without_act_bits_are_errors(tmp_pat
 
 
 def test_act_exclude_keeps_those_layers_inputs_in_float(tmp_path, capsys):
-    # p3 is read by three convs: the excluded head (which also reads p4) gets the float tensors,
-    # the other two the pair
+    # p3 is read by three convs: the excluded node of the shared head gets the float tensor, the
+    # other two the pair; the head's other node (on p4) keeps its pair
     onnx.save(builders.shared_head(), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=builders.rng(6).standard_normal((8, 3, 12, 12)).astype(np.float32))
     code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", str(tmp_path / "c.npz"),
@@ -208,14 +208,15 @@ def test_act_exclude_keeps_those_layers_inputs_in_float(tmp_path, capsys):
     assert code == 0
     q = onnx.load(tmp_path / "q.onnx")
     quants = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
-    assert sorted(n.input[0] for n in quants) == ["p3", "x"]
+    assert sorted(n.input[0] for n in quants) == ["p3", "p4", "x"]
     dq_of = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
     fed = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Conv"}
-    p3 = dq_of[next(n.output[0] for n in quants if n.input[0] == "p3")]
-    assert fed["down"] == fed["other"] == p3 and (fed["head_p3"], fed["head_p4"]) == ("p3", "p4")
+    p3, p4 = (dq_of[next(n.output[0] for n in quants if n.input[0] == t)] for t in ("p3", "p4"))
+    assert fed["down"] == fed["other"] == p3 and (fed["head_p3"], fed["head_p4"]) == ("p3", p4)
     assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and "act" not in n.input[0]
                for n in q.graph.node) == 4                       # every weight is still quantized
-    assert "on 3 layer inputs (2 tensors)" in out
+    assert "on 4 layer inputs (3 tensors), one scale per tensor (mse calibration over the 8 calibration " \
+           "samples); 1 layer input kept in float by --act-exclude" in out
     assert "note: --act-exclude nothing* matched no layer (onnxobq inspect lists their names)" in out
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["act_exclude"] == ["head_p3", "nothing*"]
 
@@ -238,7 +239,7 @@ def test_act_exclude_is_counted_and_noted_where_it_reaches_only_skipped_layers(t
     assert code == 0
     assert "note: --act-exclude fc matched only layers left in float" in out
     assert ("activations: INT8 QuantizeLinear/DequantizeLinear on 2 layer inputs (2 tensors), one scale per tensor "
-            "(mse calibration over the 8 calibration samples); 1 layer kept in float by --act-exclude") in out
+            "(mse calibration over the 8 calibration samples); 1 layer input kept in float by --act-exclude") in out
     assert json.loads((tmp_path / "r.json").read_text())["activations"]["excluded"] == ["dw"]
 
 

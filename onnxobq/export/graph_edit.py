@@ -135,15 +135,15 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
 
 
 def insert_activation_qdq(graph: gs.Graph, qlayers: list[QuantizedLayer], scales: dict[str, float],
-                          opset: int, taken: set) -> None:
-    """Feed each quantized layer (every node sharing its weight) its input through one
-    QuantizeLinear -> DequantizeLinear pair per tensor: INT8, the tensor's scale, zero-point 0.
-    Other nodes reading the tensor keep the float one."""
+                          opset: int, taken: set, skip: frozenset = frozenset()) -> None:
+    """Feed each quantized layer (every node sharing its weight, but the nodes named in ``skip``)
+    its input through one QuantizeLinear -> DequantizeLinear pair per tensor: INT8, the tensor's
+    scale, zero-point 0. Other nodes reading the tensor keep the float one."""
     readers: dict[str, list] = {}
     dtypes: dict[str, np.dtype] = {}     # where the graph does not know a tensor's type: the layer's
     for q in qlayers:
         for use in q.layer.each_use():
-            if use.input in scales:
+            if use.input in scales and use.name not in skip:
                 readers.setdefault(use.input, []).append(node_of(graph, use))
                 dtypes.setdefault(use.input, np.dtype(use.dtype))
     tensors = graph.tensors()
@@ -228,7 +228,7 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
         bn_edits: BNEdit values to apply after the weights.
         act_scales: INT8 scales of the layers' input activations by tensor name, quantized
             with QuantizeLinear/DequantizeLinear before the layers (None: weights only).
-        act_skip: names of layers whose inputs stay in float even so (--act-exclude).
+        act_skip: names of the layers' nodes whose inputs stay in float even so (--act-exclude).
 
     Returns:
         A new ModelProto.
@@ -236,7 +236,7 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
     graph = gs.import_onnx(model)
     apply_quantized(graph, qlayers, fmt, opset, symmetric)
     if act_scales:
-        insert_activation_qdq(graph, [q for q in qlayers if q.layer.name not in act_skip], act_scales, opset, set())
+        insert_activation_qdq(graph, qlayers, act_scales, opset, set(), act_skip)
     for edit in bn_edits:
         apply_bn_edit(graph, edit)
     graph.cleanup().toposort()
