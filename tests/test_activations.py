@@ -146,19 +146,28 @@ def test_quantize_writes_int8_qdq_on_each_layer_input_and_runs_as_the_numpy_refe
     np.testing.assert_allclose(z, 2 * h, rtol=1e-5, atol=1e-6)
 
 
-def test_a_tensor_read_by_several_layers_gets_one_pair(tmp_path, capsys):
+def _shared_head(tmp_path):
+    """The shared-head pyramid and 8 calibration images for it, in tmp_path."""
     onnx.save(builders.shared_head(), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=builders.rng(6).standard_normal((8, 3, 12, 12)).astype(np.float32))
+
+
+def _pairs(q):
+    """The tensors a model quantizes (sorted), each one's dequantized tensor, and each Conv's input."""
+    quantized = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    dq_of = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    fed = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Conv"}
+    return sorted(quantized), {t: dq_of[codes] for t, codes in quantized.items()}, fed
+
+
+def test_a_tensor_read_by_several_layers_gets_one_pair(tmp_path, capsys):
+    _shared_head(tmp_path)
     code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--act-calib", "max",
                  "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "q.onnx"), "-q", "--no-bn-reestimate"])
     assert code == 0
-    q = onnx.load(tmp_path / "q.onnx")
-    quants = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
-    assert sorted(n.input[0] for n in quants) == ["p3", "p4", "x"]
-    dq_of = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
-    fed = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Conv"}
-    p3 = dq_of[next(n.output[0] for n in quants if n.input[0] == "p3")]
-    assert fed["down"] == fed["head_p3"] == fed["other"] == p3
+    tensors, paired, fed = _pairs(onnx.load(tmp_path / "q.onnx"))
+    assert tensors == ["p3", "p4", "x"]
+    assert fed["down"] == fed["head_p3"] == fed["other"] == paired["p3"]
     capsys.readouterr()
     main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", str(tmp_path / "c.npz"),
           "-o", str(tmp_path / "q2.onnx"), "--no-bn-reestimate"])
@@ -199,20 +208,16 @@ def test_act_bits_without_data_and_act_calib_without_act_bits_are_errors(tmp_pat
 def test_act_exclude_keeps_those_layers_inputs_in_float(tmp_path, capsys):
     # p3 is read by three convs: the excluded node of the shared head gets the float tensor, the
     # other two the pair; the head's other node (on p4) keeps its pair
-    onnx.save(builders.shared_head(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=builders.rng(6).standard_normal((8, 3, 12, 12)).astype(np.float32))
+    _shared_head(tmp_path)
     code = main(["quantize", str(tmp_path / "m.onnx"), "--act-bits", "8", "--calib", str(tmp_path / "c.npz"),
                  "--act-exclude", "head_p3", "--act-exclude", "nothing*", "-o", str(tmp_path / "q.onnx"),
                  "--no-bn-reestimate", "--report", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert code == 0
     q = onnx.load(tmp_path / "q.onnx")
-    quants = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
-    assert sorted(n.input[0] for n in quants) == ["p3", "p4", "x"]
-    dq_of = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
-    fed = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Conv"}
-    p3, p4 = (dq_of[next(n.output[0] for n in quants if n.input[0] == t)] for t in ("p3", "p4"))
-    assert fed["down"] == fed["other"] == p3 and (fed["head_p3"], fed["head_p4"]) == ("p3", p4)
+    tensors, paired, fed = _pairs(q)
+    assert tensors == ["p3", "p4", "x"]
+    assert fed["down"] == fed["other"] == paired["p3"] and (fed["head_p3"], fed["head_p4"]) == ("p3", paired["p4"])
     assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and "act" not in n.input[0]
                for n in q.graph.node) == 4                       # every weight is still quantized
     assert "on 4 layer inputs (3 tensors), one scale per tensor (mse calibration over the 8 calibration " \
