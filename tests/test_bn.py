@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 
 from onnxobq.bn import reestimate
@@ -106,6 +107,46 @@ def test_the_summary_shows_the_error_before_and_after(capsys, data, tmp_path):
     assert code == 0
     line = next(l for l in out.splitlines() if l.startswith("BN re-estimation"))
     assert "2 BN nodes re-estimated, 2 folded, 1 Convs corrected" in line and line.endswith("kept")
+
+
+@pytest.mark.parametrize("mode", ["reestimate", "match"])
+def test_train_mode_statistics_over_several_batches_are_float64_moments_of_its_tensors(data, mode):
+    """The train-mode pass reads each normalisation's batch mean and variance and combines the
+    batches: the population mean and variance of every measured tensor, as float64 moments of
+    that tensor (exposed from the same model, over every batch) give them."""
+    from onnxobq import bn
+    model, _, _ = data
+    layers = rtn_layers(model)
+    calib = dataclasses.replace(data[2], batch_size=8)
+    cfg = BNConfig(mode=mode)
+    graph = gs.import_onnx(model)
+    bns = bn.find_bn_nodes(graph, layers, {})
+    targets = {"y": np.dtype(np.float32)}
+    names = {"y": 1} | ({b.input: 1 for b in bns} if mode == "match" else {})
+    ref = bn.float_reference(model, names, calib, "cpu")
+    q_model = build_model(model, layers, "fake", 13, True)
+    stats_model, captures, feeds = bn.train_mode_model(q_model, bns, targets, mode, 13)
+    got = bn.train_mode_moments(stats_model, captures, feeds, ref, calib, "cpu")
+    assert set(got) == {"y", "c1", "c2"}
+    raw = {name: (name if tag.startswith("_obq_bn") else "_obq_raw" + tag[len("_obq_fix"):])
+           for name, (tag, _) in captures.items()}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(stats_model)
+    probe.graph.output.extend(builders.fvi(r, None) for r in raw.values())
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    seen = {name: [] for name in raw}
+    for i, feed in enumerate(calibration_batches(calib, model)):
+        q_feed = dict(feed)
+        for n, (mean_in, std_in) in feeds.items():
+            q_feed[mean_in], q_feed[std_in] = ref.batch_moments[i][n]
+        for name, r in raw.items():
+            seen[name].append(sess.run([r], q_feed)[0].astype(np.float64))
+    assert i == 3
+    for name, parts in seen.items():
+        a = np.concatenate(parts)
+        assert got[name].count == a.size // a.shape[1]
+        np.testing.assert_allclose(got[name].mean(), a.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[name].var(), a.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-7)
 
 
 def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monkeypatch):
@@ -243,16 +284,38 @@ def calibration_batches(calib, model):
 
 @pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])
 def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
-    """Per-channel sums and sums of squares, the squares in float32 runs (of 1,000 here, so that
-    a 70 x 90 map takes seven), agree with float64 sums over every value but the channel's."""
+    """Per-channel means and variances, the deviations summed in float32 runs (of 1,000 here, so
+    that a 70 x 90 map takes seven), agree with float64 moments over every value but the channel's."""
     from onnxobq import bn
     monkeypatch.setattr(bn, "SQUARES_RUN", 1000)
     a = (np.random.default_rng(16).standard_normal(shape) * 3 + 5).astype(np.float32)
     m = bn.Moments.of(a)
     a64 = a.astype(np.float64).swapaxes(0, 1).reshape(shape[1], -1)
     assert m.count == a64.shape[1]
-    np.testing.assert_allclose(m.total, a64.sum(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(m.squares, (a64 ** 2).sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(m.mean(), a64.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(m.var(), a64.var(axis=1), rtol=1e-5)
+
+
+def test_batches_of_float32_statistics_combine_without_cancelling():
+    """Moments added batch by batch from each batch's float32 mean and variance (what the
+    normalisation subgraphs give) keep the variance of a channel whose mean is 10^5 times its
+    std, where sum((var + mean^2) * n) - N * mean^2 would leave nothing of it."""
+    from onnxobq import bn
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, 2, 500)) * np.array([1.0, 0.1])[None, :, None] + np.array([0.0, 1e4])[None, :, None]
+    x[6:] += np.array([0.5, 0.05])[None, :, None]            # later batches drift: a between-batch part
+    total = bn.Moments()
+    for b in range(0, 12, 3):
+        batch = x[b:b + 3]
+        mean, var = batch.mean(axis=(0, 2)).astype(np.float32), batch.var(axis=(0, 2)).astype(np.float32)
+        total.add(bn.Moments.of_batch(mean, var, batch.shape[0] * batch.shape[2]))
+    assert total.count == 12 * 500
+    np.testing.assert_allclose(total.mean(), x.mean(axis=(0, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(total.var(), x.var(axis=(0, 2)), rtol=1e-3)   # float32 means: 1e-4 off
+    x32 = x.astype(np.float32)
+    whole = bn.Moments.of(x32[:5])                     # and the moments of arrays, in two passes
+    whole.add(bn.Moments.of(x32[5:]))
+    np.testing.assert_allclose(whole.var(), x32.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
 
 
 def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path):
