@@ -31,7 +31,8 @@ from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
 from .quant.activations import AbsHistogram
 
-# Unfold at most this many elements at once (about 128 MB of float32).
+# Unfold at most this many elements at once (about 128 MB of float32), shared by the threads that
+# unfold at the same time (see ProductWorkers).
 UNFOLD_ELEMENTS = 1 << 25
 
 
@@ -308,6 +309,15 @@ def ring_bounds(geom: ConvGeometry, spatial) -> list[tuple[int, int, int, int]]:
     return bounds
 
 
+# shifted_products multiplies its stack of shifted copies on the left, (S C x M)(M x C), up to this
+# many channels, and on the right, (C x M)(M x S C), above. On 2 cores (OpenBLAS, medians of 15
+# calls of accumulate, alternating), the left took 0.84 to 0.95 of the right's time for 12 to 96
+# channels (the detector's layers, one image: 70.3 ms summed over its 22 layers against 66.4 ms)
+# and for 64 and 128 at 56 x 56 and 28 x 28 in batches of 8, but 1.01 to 1.05 for 192 at 13 x 13
+# (one image), 1.07 for 256 at 14 x 14 and 1.68 for 512 at 7 x 7 (batches of 8).
+STACK_LEFT_CHANNELS = 128
+
+
 def shifted_products(x, geom: ConvGeometry, stack=None):
     """X^T X of a stride-1 2-D conv, kernel-offset-major, from products of its whole input.
 
@@ -343,7 +353,10 @@ def shifted_products(x, geom: ConvGeometry, stack=None):
         B[s, :, :, :rows, hi:] = 0
         if hi > lo:
             B[s, :, :, :rows, lo:hi] = xs[:, :, ph:ph + rows, lo + pw:hi + pw]
-    F = (xs.reshape(C, -1) @ B.reshape(len(shifts) * C, -1).T).reshape(C, len(shifts), C)
+    if C <= STACK_LEFT_CHANNELS:                          # F as a transposed view of G[s, j, i] = F_d[i, j]
+        F = (B.reshape(len(shifts) * C, -1) @ xs.reshape(C, -1).T).reshape(len(shifts), C, C).transpose(2, 0, 1)
+    else:
+        F = (xs.reshape(C, -1) @ B.reshape(len(shifts) * C, -1).T).reshape(C, len(shifts), C)
 
     return F, ring_strips(x, geom)
 
@@ -615,16 +628,17 @@ def gather_columns(layer: Layer, xp) -> int:
 
 
 def accumulate(layer: Layer, a: np.ndarray, acc: HessianSum, xp, upload: Uploader,
-               product: Products) -> None:
+               product: Products, elements: int = UNFOLD_ELEMENTS) -> None:
     """Upload one batch of a layer's input, unfold it and add it to ``acc``, a few samples at a time
     (and on NumPy, for a grouped conv, a few groups at a time: see GROUP_CHUNK_ELEMENTS; for a
-    stride-1 2-D conv, through shifted products where they pay: see shifts_pay)."""
+    stride-1 2-D conv, through shifted products where they pay: see shifts_pay), at most about
+    ``elements`` unfolded elements at a time."""
     a = upload(a, np.float32)
     per = groups_at_once(layer, a, xp)
     shifted = shifts_pay(layer, a, xp, acc.gather)
     copies = 1 if layer.conv is None else len(kernel_shifts(layer.conv.kernel)) if shifted else math.prod(layer.conv.kernel)
     per_sample = max(1, a[:1].size * per // layer.groups * copies)
-    step = max(1, UNFOLD_ELEMENTS // per_sample) if layer.op != "Gemm" else a.shape[0]
+    step = max(1, elements // per_sample) if layer.op != "Gemm" else a.shape[0]
     for start in range(0, a.shape[0], step):
         chunk = a[start:start + step]
         if shifted:
@@ -817,6 +831,89 @@ def merge_sums(parts: list[tuple]) -> tuple:
     return H, rows
 
 
+class ProductWorkers:
+    """The Hessian products of each batch's layers, on NumPy spread over threads that each run
+    a single-threaded BLAS.
+
+    OpenBLAS splits one product over the cores, but the capture's products are small (C x C
+    outputs of a few hundred channels): on 2 cores they ran only 1.15 to 1.2 times faster on
+    two BLAS threads than on one, while two products on two threads at once ran each at the
+    one-thread speed. So the layers of a batch are handed to ``workers`` threads, the costliest
+    first (by their time on the previous batch; by input size on the first), with BLAS held to
+    one thread meanwhile. Each sum is added to by one thread per batch, and the batches in
+    order, so the Hessians do not depend on the threads' timing. With one worker the layers run
+    in the caller's thread, BLAS on every core, as before. The workers are started and BLAS
+    limited by ``with``.
+    """
+
+    def __init__(self, xp, workers: int):
+        self.xp, self.workers = xp, workers
+        self._local = threading.local()
+        self._seconds: dict = {}
+        self._pool = None
+        self._limits = None
+
+    def __enter__(self) -> "ProductWorkers":
+        if self.workers > 1:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(1, user_api="blas")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnxobq-products")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._limits.unregister()
+            self._pool = self._limits = None
+
+    def _tools(self):
+        """This thread's Uploader and Products."""
+        if not hasattr(self._local, "tools"):
+            self._local.tools = (Uploader(self.xp), Products(self.xp))
+        return self._local.tools
+
+    def order(self, tasks: list) -> list:
+        """(key, task, size) tasks, the longest on the previous batch first; sizes order the
+        tasks not timed yet, after those."""
+        return sorted(tasks, key=lambda t: (t[0] not in self._seconds, -self._seconds.get(t[0], 0.0), -t[2]))
+
+    def run(self, tasks: list, fn: Callable) -> None:
+        """``fn(key, task, upload, product)`` for each (key, task), the costliest first, each on
+        one worker; returns when all are done (the first error is raised)."""
+        if self._pool is None:
+            upload, product = self._tools()
+            for key, task, size in tasks:
+                fn(key, task, upload, product)
+            return
+        todo = queue.SimpleQueue()
+        for item in self.order(tasks):
+            todo.put(item)
+        failed = threading.Event()
+
+        def work():
+            upload, product = self._tools()
+            while not failed.is_set():
+                try:
+                    key, task, _ = todo.get_nowait()
+                except queue.Empty:
+                    return
+                start = time.perf_counter()
+                try:
+                    fn(key, task, upload, product)
+                except BaseException:
+                    failed.set()                # the other workers stop at their next task
+                    raise
+                self._seconds[key] = time.perf_counter() - start
+
+        for done in [self._pool.submit(work) for _ in range(self.workers)]:
+            done.result()
+
+
+def product_workers(xp) -> int:
+    """How many threads multiply a batch's layers: one per core on NumPy, one on CuPy."""
+    return 1 if is_cupy(xp) else usable_cores()
+
+
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int | None = None, sum_dtype: str = "float64",
@@ -864,10 +961,14 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             yield feed, {**acts, **feed}
 
     waited = 0.0
-    upload, product = Uploader(xp), Products(xp)
     if pipeline_depth is None:
         pipeline_depth = 1 if is_cupy(xp) else 0
-    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items:
+
+    def add(key, use, upload, product):
+        accumulate(use, acts[use.input], sums[key], xp, upload, product, UNFOLD_ELEMENTS // workers.workers)
+
+    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, \
+            ProductWorkers(xp, product_workers(xp)) as workers:
         while True:
             start = time.perf_counter()
             item = next(items, None)
@@ -875,8 +976,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             if item is None:
                 break
             feed, acts = item
-            for key, use in parts:
-                accumulate(use, acts[use.input], sums[key], xp, upload, product)
+            workers.run([(key, use, acts[use.input].size * use.cols) for key, use in parts], add)
             for name, hist in hists.items():
                 hist.add(acts[name])
             n = feed_samples(feed)
@@ -886,6 +986,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if samples == 0:
         raise UserError(f"--calib {calib.source}: no calibration samples were read; "
                         "give more samples (a model with a fixed batch needs at least that many)")
+    # one sum at a time: each hands over a copy of itself in the weight's order
+    product = Products(xp)
     done = {key: (s.hessian(xp, product), s.count) for key, s in sums.items()}
     hessians, rows = {}, {}
     for key, keys in targets.items():

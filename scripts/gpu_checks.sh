@@ -14,10 +14,11 @@
 # most the device tool brings back.
 #
 # The device machine has CuPy, onnx, onnxruntime (CPU build), numpy, click and pytest, and no
-# registry, so onnx-graphsurgeon travels as a wheel. Once, here, in the repository root:
+# registry, so onnx-graphsurgeon and threadpoolctl travel as wheels. Once, here, in the
+# repository root:
 #   echo /.whl/ >> .git/info/exclude     (already ignored by .gitignore)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl onnx_graphsurgeon
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl onnx_graphsurgeon threadpoolctl
 # then call the device tool's run with command "bash scripts/gpu_checks.sh", carry [".whl"]
 # and timeout_s 560.
 #
@@ -29,9 +30,9 @@ OUT=${OUT:-out/gpu_checks}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import onnx_graphsurgeon" 2>/dev/null; then
+if ! python3 -c "import onnx_graphsurgeon, threadpoolctl" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "no onnx_graphsurgeon: see the header of $0"; exit 2; }
+        --target /tmp/site .whl/*.whl || { echo "no onnx_graphsurgeon or threadpoolctl: see the header of $0"; exit 2; }
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD

@@ -1,4 +1,5 @@
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -387,10 +388,12 @@ SHIFTED = [
 ]
 
 
+@pytest.mark.parametrize("left", [True, False], ids=["stack-left", "stack-right"])
 @pytest.mark.parametrize("case", SHIFTED, ids=lambda c: "x".join(map(str, c["wshape"])) + "-" + str(c.get("auto_pad", c.get("pads"))))
-def test_shifted_products_give_the_brute_force_hessian(case):
+def test_shifted_products_give_the_brute_force_hessian(case, left, monkeypatch):
     """A stride-1 conv's sum built from shifted products equals the sum over every patch, and
-    counts every output position."""
+    counts every output position, with the stack of shifted copies multiplied on either side."""
+    monkeypatch.setattr(capture, "STACK_LEFT_CHANNELS", 1 << 30 if left else 0)
     case = dict(case)
     x = np.random.default_rng(12).standard_normal(case.pop("xshape")).astype(np.float32)
     layer = conv_layer(**case)
@@ -491,3 +494,64 @@ def test_a_feed_that_onnxruntime_rejects_is_one_line_naming_the_input():
     assert str(err.value) == ("onnxruntime rejected the calibration batch (input 'x' is [?, 3, 12, 12], the batch "
                               "has shape [4, 3, 8, 8]); check the calibration data's shapes and dtypes against "
                               "the model inputs")
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monkeypatch, workers):
+    """The capture's products spread over threads (ProductWorkers) give the Hessians and row
+    counts of one thread, each layer's products made on one thread per batch, with BLAS held to
+    one thread meanwhile and given back its threads after."""
+    from threadpoolctl import threadpool_info
+    model = builders.conv_stack()
+    layers = scan_layers(gs.import_onnx(model)).layers
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(21).standard_normal((5, 3, 12, 12)).astype(np.float32))
+    calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    monkeypatch.setattr(capture, "product_workers", lambda xp: 1)
+    alone = capture_hessians(model, layers, calib, np)
+    seen, real = [], capture.accumulate
+
+    def spy(layer, *a, **k):
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        seen.append((layer.name, threading.current_thread().name, blas))
+        return real(layer, *a, **k)
+
+    monkeypatch.setattr(capture, "accumulate", spy)
+    monkeypatch.setattr(capture, "product_workers", lambda xp: workers)
+    spread = capture_hessians(model, layers, calib, np)
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+    assert len(seen) == 3 * len(alone.hessians)                   # three batches, every sum
+    if workers > 1:
+        assert {t for _, t, _ in seen} <= {f"onnxobq-products_{i}" for i in range(workers)}
+        assert all(blas == [1] * len(before) for _, _, blas in seen)
+    assert spread.rows == alone.rows and spread.samples == alone.samples == 5
+    for key, H in alone.hessians.items():
+        np.testing.assert_allclose(spread.hessians[key], H, rtol=1e-5, atol=1e-6)
+
+
+def test_product_workers_run_the_costliest_first_and_stop_at_an_error():
+    """The first batch goes largest first, later ones by their times on the one before; a
+    task's error reaches the caller, and the tasks not yet started are left undone."""
+    done = []
+
+    def fn(key, seconds, upload, product):
+        time.sleep(seconds)
+        done.append(key)
+
+    with capture.ProductWorkers(np, 2) as workers:
+        tasks = [("a", 0.06, 1), ("b", 0.0, 3), ("c", 0.03, 2)]
+        assert [t[0] for t in workers.order(tasks)] == ["b", "c", "a"]
+        workers.run(tasks, fn)
+        assert sorted(done) == ["a", "b", "c"]
+        assert [t[0] for t in workers.order(tasks + [("d", 0.0, 9)])] == ["a", "c", "b", "d"]
+
+        def fail(key, task, upload, product):
+            time.sleep(0.02)
+            done.append(key)
+            if key == "x":
+                raise ValueError("bad layer x")
+
+        done.clear()
+        with pytest.raises(ValueError, match="bad layer x"):
+            workers.run([("x", None, 9), ("y", None, 8)] + [(f"z{i}", None, 1) for i in range(20)], fail)
+        assert {"x", "y"} <= set(done) and len(done) < 22
