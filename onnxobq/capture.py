@@ -12,7 +12,6 @@ import contextlib
 import functools
 import itertools
 import math
-import os
 import queue
 import threading
 import time
@@ -30,6 +29,7 @@ from .errors import UserError
 from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
 from .quant.activations import AbsHistogram
+from .threads import cpu_workers, one_blas_thread, usable_cores
 
 # Unfold at most this many elements at once (about 128 MB of float32), shared by the threads that
 # unfold at the same time (see ProductWorkers).
@@ -101,11 +101,6 @@ def session(model: onnx.ModelProto, extra: dict[str, int], device: str = "cpu",
                         "check that it runs with onnxruntime before quantizing") from None
     finally:
         del model.graph.output[len(model.graph.output) - len(added):]
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, which a container may narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Two sessions hold two copies of the weights, and a model with large ones keeps onnxruntime's
@@ -833,17 +828,15 @@ def merge_sums(parts: list[tuple]) -> tuple:
 
 class ProductWorkers:
     """The Hessian products of each batch's layers, on NumPy spread over threads that each run
-    a single-threaded BLAS.
+    a single-threaded BLAS (see onnxobq.threads).
 
-    OpenBLAS splits one product over the cores, but the capture's products are small (C x C
-    outputs of a few hundred channels): on 2 cores they ran only 1.15 to 1.2 times faster on
-    two BLAS threads than on one, while two products on two threads at once ran each at the
-    one-thread speed. So the layers of a batch are handed to ``workers`` threads, the costliest
-    first (by their time on the previous batch; by input size on the first), with BLAS held to
-    one thread meanwhile. Each sum is added to by one thread per batch, and the batches in
-    order, so the Hessians do not depend on the threads' timing. With one worker the layers run
-    in the caller's thread, BLAS on every core, as before. The workers are started and BLAS
-    limited by ``with``.
+    The layers of a batch are handed to ``workers`` threads, the costliest first (by their time
+    on the previous batch; by input size on the first). On the 2-core machine the detector's
+    capture of 256 random images took 32.1 and 33.4 s this way against 41.4 and 43.0 s on two
+    BLAS threads (scripts/speed_bench.py, alternating with ecd2f4f). Each sum is added to by
+    one thread per batch, and the batches in order, so the Hessians do not depend on the
+    threads' timing. With one worker the layers run in the caller's thread, BLAS on every core.
+    The workers are started and BLAS limited by ``with``.
     """
 
     def __init__(self, xp, workers: int):
@@ -855,15 +848,15 @@ class ProductWorkers:
 
     def __enter__(self) -> "ProductWorkers":
         if self.workers > 1:
-            from threadpoolctl import threadpool_limits
-            self._limits = threadpool_limits(1, user_api="blas")
+            self._limits = one_blas_thread(self.workers)
+            self._limits.__enter__()
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnxobq-products")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-            self._limits.unregister()
+            self._limits.__exit__(None, None, None)
             self._pool = self._limits = None
 
     def _tools(self):
@@ -907,11 +900,6 @@ class ProductWorkers:
 
         for done in [self._pool.submit(work) for _ in range(self.workers)]:
             done.result()
-
-
-def product_workers(xp) -> int:
-    """How many threads multiply a batch's layers: one per core on NumPy, one on CuPy."""
-    return 1 if is_cupy(xp) else usable_cores()
 
 
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
@@ -968,7 +956,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         accumulate(use, acts[use.input], sums[key], xp, upload, product, UNFOLD_ELEMENTS // workers.workers)
 
     with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, \
-            ProductWorkers(xp, product_workers(xp)) as workers:
+            ProductWorkers(xp, cpu_workers(xp)) as workers:
         while True:
             start = time.perf_counter()
             item = next(items, None)

@@ -507,7 +507,7 @@ def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monk
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(21).standard_normal((5, 3, 12, 12)).astype(np.float32))
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
     before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    monkeypatch.setattr(capture, "product_workers", lambda xp: 1)
+    monkeypatch.setattr(capture, "cpu_workers", lambda xp: 1)
     alone = capture_hessians(model, layers, calib, np)
     seen, real = [], capture.accumulate
 
@@ -517,7 +517,7 @@ def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monk
         return real(layer, *a, **k)
 
     monkeypatch.setattr(capture, "accumulate", spy)
-    monkeypatch.setattr(capture, "product_workers", lambda xp: workers)
+    monkeypatch.setattr(capture, "cpu_workers", lambda xp: workers)
     spread = capture_hessians(model, layers, calib, np)
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
     assert len(seen) == 3 * len(alone.hessians)                   # three batches, every sum

@@ -1,4 +1,6 @@
 """Solving same-shaped layers as one stack gives each layer exactly what it gets alone."""
+import threading
+
 import numpy as np
 import onnx
 import pytest
@@ -170,3 +172,45 @@ def test_reported_errors_past_float32s_range_come_from_float64_sums(size):
     W = to_matrix(lay, w).astype(np.float64)
     Q = (to_matrix(lay, q.codes).astype(np.float64) - q.zero[None, :, None]) * q.scale[None, :, None]
     assert np.isfinite(s.error) and s.error == pytest.approx(layer_error(W, Q, H, np), rel=1e-9)
+
+
+def test_layers_solved_on_several_threads_write_the_model_of_one(tmp_path, monkeypatch):
+    """On NumPy the layers go to one thread per core (BLAS on one thread each): the model written,
+    the reported errors and the progress count are those of one thread in graph order, and BLAS
+    gets its threads back."""
+    from threadpoolctl import threadpool_info
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(repeated_net(), src)
+    np.savez(calib, x=builders.rng(5).standard_normal((6, 8, 10, 10)).astype(np.float32))
+    blas = lambda: [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]  # noqa: E731
+    before, reports, advanced = blas(), {}, {}
+
+    class Count(pipeline.Progress):
+        def start(self, what, total):
+            self.what = what
+
+        def advance(self, n=1):
+            if self.what == "layers":
+                advanced[workers] = advanced.get(workers, 0) + n
+
+    seen, real = [], pipeline.solve_stack
+
+    def spy(*a, **k):
+        seen.append((workers, threading.current_thread().name, blas()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "solve_stack", spy)
+    for workers in (1, 3):
+        monkeypatch.setattr(pipeline, "cpu_workers", lambda xp: workers)
+        cfg = QuantizeConfig(model=str(src), output=str(tmp_path / f"q{workers}.onnx"),
+                             calib=CalibConfig(source=str(calib), batch_size=2),
+                             solve=SolveConfig(grid=GridSpec(bits=3)), bn=BNConfig(reestimate=False))
+        reports[workers] = run(cfg, Count())
+    assert blas() == before
+    assert advanced == {1: 4, 3: 4}
+    assert [(t, b) for w, t, b in seen if w == 1] == [(threading.main_thread().name, before)] * 4
+    assert {t for w, t, _ in seen if w == 3} <= {f"onnxobq-solve_{i}" for i in range(3)}
+    assert all(b == [1] * len(before) for w, _, b in seen if w == 3)
+    assert [s.name for s in reports[3].layers] == [s.name for s in reports[1].layers]
+    assert [s.error for s in reports[3].layers] == pytest.approx([s.error for s in reports[1].layers], rel=1e-9)
+    assert (tmp_path / "q1.onnx").read_bytes() == (tmp_path / "q3.onnx").read_bytes()
