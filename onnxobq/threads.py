@@ -19,9 +19,17 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# At most this many threads take layers at once. Each holds its own buffers (the capture's
+# product and shifted-copy buffers, up to about 170 MB a thread on ResNet-50 in batches of 8;
+# a solve's copies of its Hessian, up to about 700 MB for a layer of 4,608 columns), and the
+# costliest layers start together; measured on 2 cores only.
+MAX_CPU_WORKERS = 4
+
+
 def cpu_workers(xp) -> int:
-    """How many threads take layers at a time: one per core on NumPy, one on CuPy."""
-    return 1 if is_cupy(xp) else usable_cores()
+    """How many threads take layers at a time: one per core on NumPy (up to MAX_CPU_WORKERS),
+    one on CuPy."""
+    return 1 if is_cupy(xp) else max(1, min(usable_cores(), MAX_CPU_WORKERS))
 
 
 @contextlib.contextmanager

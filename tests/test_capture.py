@@ -555,3 +555,13 @@ def test_product_workers_run_the_costliest_first_and_stop_at_an_error():
         with pytest.raises(ValueError, match="bad layer x"):
             workers.run([("x", None, 9), ("y", None, 8)] + [(f"z{i}", None, 1) for i in range(20)], fail)
         assert {"x", "y"} <= set(done) and len(done) < 22
+
+
+def test_cpu_workers_are_one_per_core_up_to_the_cap_and_one_on_a_gpu(monkeypatch):
+    from onnxobq import threads
+    gpu = object()                 # stands for the cupy module
+    for cores, want in [(1, 1), (2, 2), (3, 3), (16, threads.MAX_CPU_WORKERS)]:
+        monkeypatch.setattr(threads, "usable_cores", lambda cores=cores: cores)
+        assert threads.cpu_workers(np) == want
+    monkeypatch.setattr(threads, "is_cupy", lambda xp: xp is gpu)
+    assert threads.cpu_workers(gpu) == 1
