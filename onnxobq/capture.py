@@ -844,20 +844,18 @@ class ProductWorkers:
         self._local = threading.local()
         self._seconds: dict = {}
         self._pool = None
-        self._limits = None
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "ProductWorkers":
         if self.workers > 1:
-            self._limits = one_blas_thread(self.workers)
-            self._limits.__enter__()
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnxobq-products")
+            self._held.enter_context(one_blas_thread(self.workers))
+            self._pool = self._held.enter_context(
+                ThreadPoolExecutor(self.workers, thread_name_prefix="onnxobq-products"))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._limits.__exit__(None, None, None)
-            self._pool = self._limits = None
+        self._held.close()                  # the threads end, then BLAS gets its threads back
+        self._pool = None
 
     def _tools(self):
         """This thread's Uploader and Products."""
@@ -875,7 +873,7 @@ class ProductWorkers:
         one worker; returns when all are done (the first error is raised)."""
         if self._pool is None:
             upload, product = self._tools()
-            for key, task, size in tasks:
+            for key, task, _ in tasks:
                 fn(key, task, upload, product)
             return
         todo = queue.SimpleQueue()
@@ -908,6 +906,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
                      ranges: bool = False) -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
+    On NumPy each batch's layers are multiplied on one thread per core (ProductWorkers).
+
     Args:
         model: the float model.
         layers: the layers to quantize.
@@ -917,8 +917,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
         on_batch: called with the number of samples after each batch (progress bars).
         pipeline_depth: batches run ahead by onnxruntime in a background thread while
             the Hessians of earlier ones accumulate (0: no overlap). By default 1 when they
-            accumulate on a GPU, and 0 on NumPy, whose BLAS and onnxruntime would fight for
-            the same cores (the overlap made the capture slower on the 2-core machine).
+            accumulate on a GPU, and 0 on NumPy, whose products and onnxruntime would fight for
+            the same cores (on the 2-core machine the overlap was slower, and later no faster).
         sum_dtype: dtype of the running sums and of the Hessians: float64, or float32 where
             the solve runs in float32 anyway (a GPU), which halves their memory. Each batch's
             product is float32 either way.
@@ -952,11 +952,14 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     if pipeline_depth is None:
         pipeline_depth = 1 if is_cupy(xp) else 0
 
-    def add(key, use, upload, product):
-        accumulate(use, acts[use.input], sums[key], xp, upload, product, UNFOLD_ELEMENTS // workers.workers)
+    threads = cpu_workers(xp)
+    elements = UNFOLD_ELEMENTS // threads            # the threads' unfolds together stay within it
 
-    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, \
-            ProductWorkers(xp, cpu_workers(xp)) as workers:
+    def add(key, task, upload, product):
+        use, a = task
+        accumulate(use, a, sums[key], xp, upload, product, elements)
+
+    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, ProductWorkers(xp, threads) as workers:
         while True:
             start = time.perf_counter()
             item = next(items, None)
@@ -964,7 +967,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             if item is None:
                 break
             feed, acts = item
-            workers.run([(key, use, acts[use.input].size * use.cols) for key, use in parts], add)
+            workers.run([(key, (use, acts[use.input]), acts[use.input].size * use.cols) for key, use in parts], add)
             for name, hist in hists.items():
                 hist.add(acts[name])
             n = feed_samples(feed)
