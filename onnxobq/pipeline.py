@@ -174,7 +174,9 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
         for stack in plan:
             progress.advance(solve(stack))
     else:
-        cost = lambda stack: sum(layers[i].cols ** 3 + layers[i].rows * layers[i].cols ** 2 for i in stack)  # noqa: E731
+        def cost(stack):                        # the factorisations and the sweep, every group
+            return sum(layers[i].groups * (layers[i].cols ** 3 + layers[i].rows * layers[i].cols ** 2) for i in stack)
+
         with one_blas_thread(workers), ThreadPoolExecutor(workers, thread_name_prefix="onnxobq-solve") as pool:
             futures = [pool.submit(solve, stack) for stack in sorted(plan, key=cost, reverse=True)]
             try:
