@@ -29,10 +29,10 @@ from .errors import UserError
 from .graph.io import serialized
 from .graph.layers import ConvGeometry, Layer
 from .quant.activations import AbsHistogram
-from .threads import cpu_workers, one_blas_thread, usable_cores
+from .threads import LayerWorkers, cpu_workers, usable_cores
 
 # Unfold at most this many elements at once (about 128 MB of float32), shared by the threads that
-# unfold at the same time (see ProductWorkers).
+# unfold at the same time (see capture_hessians).
 UNFOLD_ELEMENTS = 1 << 25
 
 
@@ -826,87 +826,18 @@ def merge_sums(parts: list[tuple]) -> tuple:
     return H, rows
 
 
-class ProductWorkers:
-    """The Hessian products of each batch's layers, on NumPy spread over threads that each run
-    a single-threaded BLAS (see onnxobq.threads).
-
-    The layers of a batch are handed to ``workers`` threads, the costliest first (by their time
-    on the previous batch; by input size on the first). On the 2-core machine the detector's
-    capture of 256 random images took 32.1 and 33.4 s this way against 41.4 and 43.0 s on two
-    BLAS threads (scripts/speed_bench.py, alternating with ecd2f4f). Each sum is added to by
-    one thread per batch, and the batches in order, so the Hessians do not depend on the
-    threads' timing. With one worker the layers run in the caller's thread, BLAS on every core.
-    The workers are started and BLAS limited by ``with``.
-    """
-
-    def __init__(self, xp, workers: int):
-        self.xp, self.workers = xp, workers
-        self._local = threading.local()
-        self._seconds: dict = {}
-        self._pool = None
-        self._held = contextlib.ExitStack()
-
-    def __enter__(self) -> "ProductWorkers":
-        if self.workers > 1:
-            self._held.enter_context(one_blas_thread(self.workers))
-            self._pool = self._held.enter_context(
-                ThreadPoolExecutor(self.workers, thread_name_prefix="onnxobq-products"))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._held.close()                  # the threads end, then BLAS gets its threads back
-        self._pool = None
-
-    def _tools(self):
-        """This thread's Uploader and Products."""
-        if not hasattr(self._local, "tools"):
-            self._local.tools = (Uploader(self.xp), Products(self.xp))
-        return self._local.tools
-
-    def order(self, tasks: list) -> list:
-        """(key, task, size) tasks, the longest on the previous batch first; sizes order the
-        tasks not timed yet, after those."""
-        return sorted(tasks, key=lambda t: (t[0] not in self._seconds, -self._seconds.get(t[0], 0.0), -t[2]))
-
-    def run(self, tasks: list, fn: Callable) -> None:
-        """``fn(key, task, upload, product)`` for each (key, task), the costliest first, each on
-        one worker; returns when all are done (the first error is raised)."""
-        if self._pool is None:
-            upload, product = self._tools()
-            for key, task, _ in tasks:
-                fn(key, task, upload, product)
-            return
-        todo = queue.SimpleQueue()
-        for item in self.order(tasks):
-            todo.put(item)
-        failed = threading.Event()
-
-        def work():
-            upload, product = self._tools()
-            while not failed.is_set():
-                try:
-                    key, task, _ = todo.get_nowait()
-                except queue.Empty:
-                    return
-                start = time.perf_counter()
-                try:
-                    fn(key, task, upload, product)
-                except BaseException:
-                    failed.set()                # the other workers stop at their next task
-                    raise
-                self._seconds[key] = time.perf_counter() - start
-
-        for done in [self._pool.submit(work) for _ in range(self.workers)]:
-            done.result()
-
-
 def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibConfig | Replay, xp,
                      device: str = "cpu", on_batch: Callable[[int], None] | None = None,
                      pipeline_depth: int | None = None, sum_dtype: str = "float64",
                      ranges: bool = False) -> Captured:
     """Run the calibration data through the model and build every layer's Hessian.
 
-    On NumPy each batch's layers are multiplied on one thread per core (ProductWorkers).
+    On NumPy each batch's layers are multiplied on one thread per core, the costliest first (by
+    their time on the previous batch), each thread with its own buffers (threads.LayerWorkers).
+    On the 2-core machine the detector's capture of 256 random images took 32.1 and 33.4 s this
+    way against 41.4 and 43.0 s on two BLAS threads (scripts/speed_bench.py, alternating with
+    ecd2f4f). Each sum is added to by one thread per batch, and the batches in order, so the
+    Hessians do not depend on the threads' timing.
 
     Args:
         model: the float model.
@@ -955,11 +886,12 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     threads = cpu_workers(xp)
     elements = UNFOLD_ELEMENTS // threads            # the threads' unfolds together stay within it
 
-    def add(key, task, upload, product):
+    def add(key, task, tools):
         use, a = task
-        accumulate(use, a, sums[key], xp, upload, product, elements)
+        accumulate(use, a, sums[key], xp, *tools, elements)
 
-    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, ProductWorkers(xp, threads) as workers:
+    with contextlib.closing(prefetch(forward(), pipeline_depth)) as items, \
+            LayerWorkers(threads, lambda: (Uploader(xp), Products(xp))) as workers:
         while True:
             start = time.perf_counter()
             item = next(items, None)

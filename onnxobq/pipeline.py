@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 
@@ -24,7 +23,7 @@ from .report import RunReport, layer_table, peak_rss_mb, summary_lines, write_js
 from .quant.activations import activation_scales
 from .solve import plan_stacks, solve_stack, stack_budget, working_dtype
 from .solvers import METHODS
-from .threads import cpu_workers, one_blas_thread
+from .threads import LayerWorkers, cpu_workers
 
 
 class Progress:
@@ -153,7 +152,7 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
     results = [None] * len(layers)
     lock = threading.Lock()
 
-    def solve(stack):
+    def solve(_key, stack, _tools):
         members = [layers[i] for i in stack]
         solve_cfg = replace(cfg.solve, grid=grids[stack[0]])
         solved = solve_stack(members, [scan.weights[l.name] for l in members],
@@ -166,25 +165,14 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, xp, prog
                 uses[layer.hessian_key] -= 1
                 if uses[layer.hessian_key] == 0:
                     hessians.pop(layer.hessian_key, None)
-        return len(stack)
+            progress.advance(len(stack))
+
+    def cost(stack):                            # the factorisations and the sweep, every group
+        return sum(layers[i].groups * (layers[i].cols ** 3 + layers[i].rows * layers[i].cols ** 2) for i in stack)
 
     progress.start("layers", len(layers))
-    workers = min(cpu_workers(xp), len(plan))
-    if workers <= 1:
-        for stack in plan:
-            progress.advance(solve(stack))
-    else:
-        def cost(stack):                        # the factorisations and the sweep, every group
-            return sum(layers[i].groups * (layers[i].cols ** 3 + layers[i].rows * layers[i].cols ** 2) for i in stack)
-
-        with one_blas_thread(workers), ThreadPoolExecutor(workers, thread_name_prefix="onnxobq-solve") as pool:
-            futures = [pool.submit(solve, stack) for stack in sorted(plan, key=cost, reverse=True)]
-            try:
-                for done in as_completed(futures):
-                    progress.advance(done.result())
-            finally:
-                for f in futures:
-                    f.cancel()
+    with LayerWorkers(min(cpu_workers(xp), len(plan))) as workers:
+        workers.run([(n, stack, cost(stack)) for n, stack in enumerate(plan)], solve)
     progress.finish()
     return [q for q, _ in results], [s for _, s in results]
 

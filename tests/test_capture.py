@@ -498,7 +498,7 @@ def test_a_feed_that_onnxruntime_rejects_is_one_line_naming_the_input():
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monkeypatch, workers):
-    """The capture's products spread over threads (ProductWorkers) give the Hessians and row
+    """The capture's products spread over threads (threads.LayerWorkers) give the Hessians and row
     counts of one thread, each layer's products made on one thread per batch, with BLAS held to
     one thread meanwhile and given back its threads after."""
     from threadpoolctl import threadpool_info
@@ -522,30 +522,31 @@ def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monk
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
     assert len(seen) == 3 * len(alone.hessians)                   # three batches, every sum
     if workers > 1:
-        assert {t for _, t, _ in seen} <= {f"onnxobq-products_{i}" for i in range(workers)}
+        assert {t for _, t, _ in seen} <= {f"onnxobq-layers_{i}" for i in range(workers)}
         assert all(blas == [1] * len(before) for _, _, blas in seen)
     assert spread.rows == alone.rows and spread.samples == alone.samples == 5
     for key, H in alone.hessians.items():
         np.testing.assert_allclose(spread.hessians[key], H, rtol=1e-5, atol=1e-6)
 
 
-def test_product_workers_run_the_costliest_first_and_stop_at_an_error():
+def test_layer_workers_run_the_costliest_first_and_stop_at_an_error():
     """The first batch goes largest first, later ones by their times on the one before; a
     task's error reaches the caller, and the tasks not yet started are left undone."""
+    from onnxobq.threads import LayerWorkers
     done = []
 
-    def fn(key, seconds, upload, product):
+    def fn(key, seconds, tools):
         time.sleep(seconds)
         done.append(key)
 
-    with capture.ProductWorkers(np, 2) as workers:
+    with LayerWorkers(2) as workers:
         tasks = [("a", 0.06, 1), ("b", 0.0, 3), ("c", 0.03, 2)]
         assert [t[0] for t in workers.order(tasks)] == ["b", "c", "a"]
         workers.run(tasks, fn)
         assert sorted(done) == ["a", "b", "c"]
         assert [t[0] for t in workers.order(tasks + [("d", 0.0, 9)])] == ["a", "c", "b", "d"]
 
-        def fail(key, task, upload, product):
+        def fail(key, task, tools):
             time.sleep(0.02)
             done.append(key)
             if key == "x":

@@ -209,7 +209,7 @@ def test_layers_solved_on_several_threads_write_the_model_of_one(tmp_path, monke
     assert blas() == before
     assert advanced == {1: 4, 3: 4}
     assert [(t, b) for w, t, b in seen if w == 1] == [(threading.main_thread().name, before)] * 4
-    assert {t for w, t, _ in seen if w == 3} <= {f"onnxobq-solve_{i}" for i in range(3)}
+    assert {t for w, t, _ in seen if w == 3} <= {f"onnxobq-layers_{i}" for i in range(3)}
     assert all(b == [1] * len(before) for w, _, b in seen if w == 3)
     assert [s.name for s in reports[3].layers] == [s.name for s in reports[1].layers]
     assert [s.error for s in reports[3].layers] == pytest.approx([s.error for s in reports[1].layers], rel=1e-9)
