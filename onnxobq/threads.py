@@ -9,6 +9,7 @@ pipeline.solve_all). On CuPy they keep one.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -90,8 +91,8 @@ class LayerWorkers:
 
     def run(self, tasks: list, fn: Callable) -> None:
         """``fn(key, task, tools)`` for each (key, task, size), the costliest first, each on one
-        worker; returns when all are done. The first error is raised, and the tasks not yet
-        started are left undone."""
+        worker; returns when all are done. Once a task fails, the tasks not yet started are left
+        undone, and its error is raised when the other workers have finished theirs."""
         if self._pool is None:
             tools = self._tools()
             for key, task, _ in tasks:
@@ -117,5 +118,7 @@ class LayerWorkers:
                     raise
                 self._seconds[key] = time.perf_counter() - start
 
-        for done in [self._pool.submit(work) for _ in range(self.workers)]:
+        futures = [self._pool.submit(work) for _ in range(self.workers)]
+        concurrent.futures.wait(futures)        # every worker has stopped before an error is raised
+        for done in futures:
             done.result()
