@@ -1,21 +1,38 @@
-"""Command line: ``onnxobq quantize | inspect | compare``. Options -> config -> pipeline; no math."""
+"""Command line: ``onnxobq quantize | inspect | compare``. Flags -> the Python API -> bars and tables.
+
+Every check and every default is the API's; here the flags are parsed into its arguments, its
+messages are spelled with the flags (FLAGS), and its results are shown.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import click
 
-from . import pipeline
-from .config import (DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, METHOD_NAMES, OP_TYPES, ORDERS, PRECISIONS,
-                     BNConfig, CalibConfig, Damping, GridSpec, ImageOptions, QuantizeConfig, SolveConfig)
-from .errors import UserError
+from . import api
+from .config import DEFAULT_BN_SAMPLES, DEVICES, FORMATS, IMAGE_PRESETS, PRECISIONS
+from .errors import UserError, spelled_as
+from .files import default_output
+from .pipeline import Progress
 from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
+from .report import layer_table, summary_lines
+from .solvers import METHODS, ORDERS
+from .types import QUANTIZABLE_OPS as OP_TYPES
 
-
-METHODS_WITHOUT_ORDER = {"rtn", "obq"}
+METHOD_NAMES = tuple(sorted(METHODS))
+# The flag of each Python parameter, for the API's messages (errors.option); a boolean's other
+# flag and a special value are keyed "name=value".
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "output", "samples", "batch_size", "preset", "size", "resize", "crop_fraction", "pad_value", "pad_align",
+    "channel_order", "scale", "mean", "std", "layout", "seed", "bits", "method", "order", "damp", "damp_mode",
+    "block", "symmetric", "narrow_range", "scale_search", "group_size", "format", "opset", "act_bits",
+    "act_calib", "act_exclude", "bn_reestimate", "bn_mode", "bn_fold", "bn_correct", "bn_samples", "exclude",
+    "op_types", "layer_bits", "layer_group_size", "device", "precision", "report", "hessians", "save_hessians",
+    "overwrite")} | {"calibration": "--calib", "input_shapes": "--input-shape", "preprocess": "--preset",
+                     "symmetric=False": "--asymmetric", "bn_reestimate=False": "--no-bn-reestimate",
+                     "bn_samples=None": "--bn-samples all", "model": "MODEL"}
 
 
 class SamplesOrAll(click.ParamType):
@@ -109,7 +126,7 @@ class Finite(click.ParamType):
         return x
 
 
-class BarProgress(pipeline.Progress):
+class BarProgress(Progress):
     """tqdm bars on stderr for the calibration batches and the layers."""
 
     open_bars: set = set()  # closed by main() before it prints an error, so the error has its own line
@@ -123,7 +140,7 @@ class BarProgress(pipeline.Progress):
             self.finish()
             # disable=None: no bars where stderr is not a terminal (logs, pipes), so that an
             # error there is the only line on stderr
-            self.bar = tqdm(total=total, desc=what, unit="sample" if what != "layers" else "layer",
+            self.bar = tqdm(total=total, desc=what, unit="layer" if what == "layers" else "sample",
                             file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
             BarProgress.open_bars.add(self)
 
@@ -141,6 +158,47 @@ class BarProgress(pipeline.Progress):
     def close_all(cls):
         for bar in list(cls.open_bars):
             bar.finish()
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r}: give comma-separated finite numbers, e.g. 0.5,0.5,0.5",
+                                 param_hint=what)
+    return values
+
+
+def _size(text: str | None):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give HxW, e.g. 640x640", param_hint="--size") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"{text!r}: give a positive HxW, e.g. 640x640", param_hint="--size")
+    return h, w
+
+
+def _shapes(items) -> dict:
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().replace(",", "x").split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape") from None
+        if not name:
+            raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape")
+        if any(d < 1 for d in shapes[name]):
+            raise click.BadParameter(f"{item!r}: give positive sizes, e.g. {name}=1x3x224x224",
+                                     param_hint="--input-shape")
+    return shapes
 
 
 def _floats(text: str | None, what: str):
@@ -218,27 +276,20 @@ def calib_options(f):
     return f
 
 
-# The image options of calib_options, by the keyword click gives each.
-IMAGE_FLAGS = {"--preset": "preset", "--size": "size", "--resize": "resize", "--crop-fraction": "crop_fraction",
-               "--pad-value": "pad_value", "--pad-align": "pad_align", "--channel-order": "channel_order",
-               "--scale": "pixel_scale", "--mean": "mean", "--std": "std", "--layout": "layout"}
 
 
-def calib_config(kw) -> CalibConfig | None:
-    if kw["calib"] is None:
-        return None
-    image = dict(IMAGE_PRESETS.get(kw["preset"], {}))
-    given = dict(size=_size(kw["size"]), resize=kw["resize"], crop_fraction=kw["crop_fraction"],
-                 pad_value=kw["pad_value"],
-                 pad_align=kw["pad_align"], channel_order=kw["channel_order"], scale=kw["pixel_scale"],
-                 mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"), layout=kw["layout"])
-    image.update({k: v for k, v in given.items() if v is not None})
-    typed = [flag for flag, key in IMAGE_FLAGS.items() if kw[key] is not None]
-    if kw["input_shapes"]:
-        typed.append("--input-shape")
-    return CalibConfig(source=kw["calib"], samples=kw["samples"], batch_size=kw["batch_size"],
-                       image=ImageOptions(**image), shapes=_shapes(kw["input_shapes"]), seed=kw["seed"],
-                       given=tuple(typed))
+# The image options of calib_options, by the keyword click gives each, and their API names.
+IMAGE_FLAGS = {"preset": "preset", "size": "size", "resize": "resize", "crop_fraction": "crop_fraction",
+               "pad_value": "pad_value", "pad_align": "pad_align", "channel_order": "channel_order",
+               "pixel_scale": "scale", "mean": "mean", "std": "std", "layout": "layout"}
+
+
+def calibration_args(kw) -> dict:
+    """The API's calibration arguments from calib_options' flags."""
+    given = {"size": _size(kw["size"]), "mean": _floats(kw["mean"], "--mean"), "std": _floats(kw["std"], "--std")}
+    preprocess = {name: given.get(key, kw[key]) for key, name in IMAGE_FLAGS.items() if kw[key] is not None}
+    return dict(calibration=kw["calib"], samples=kw["samples"], batch_size=kw["batch_size"],
+                preprocess=preprocess or None, input_shapes=_shapes(kw["input_shapes"]) or None, seed=kw["seed"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -249,7 +300,8 @@ def cli():
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", help="Output model (default: MODEL's name + .w<bits>.<format>.onnx, beside it).")
+@click.option("-o", "--output", help="Output model (default: beside MODEL, named for the settings, e.g. "
+              "MODEL.w4.fastobq.qdq.onnx).")
 @click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bit width.")
 @click.option("--method", type=click.Choice(METHOD_NAMES), default="fastobq", show_default=True,
               help="fastobq: sensitivity-ordered columns, shared inverse Hessian; gptq: natural order; "
@@ -319,122 +371,77 @@ def cli():
 @click.option("--hessians", "hessians_path", metavar="FILE.npz",
               help="Use Hessians saved by --save-hessians from the same model and --calib options "
                    "instead of capturing them (--calib is still read for BN re-estimation).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output, report and Hessian files (else an error).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
-def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range,
-             scale_search, group_size, fmt, opset, act_bits, act_calib, act_exclude, bn_reestimate, bn_mode, bn_fold, bn_correct, bn_samples,
-             exclude, op_types, layer_bits, layer_group_size, device, precision, report_path, save_hessians, hessians_path, quiet, **calib_kw):
+def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetric, narrow_range, scale_search,
+             group_size, fmt, opset, act_bits, act_calib, act_exclude, bn_reestimate, bn_mode, bn_fold, bn_correct,
+             bn_samples, exclude, op_types, layer_bits, layer_group_size, device, precision, report_path,
+             save_hessians, hessians_path, overwrite, quiet, **calib_kw):
     """Quantize the weights of every Conv, Gemm and MatMul of MODEL (and, with --act-bits, their inputs)."""
-    if order is not None and METHODS_WITHOUT_ORDER.intersection({method}):
-        raise click.BadParameter(f"--method {method} has no column order; drop --order",
-                                 param_hint="--order")
-    if act_exclude and act_bits is None:
-        raise click.BadParameter(f"--act-exclude {act_exclude[0]} keeps some layer inputs out of --act-bits; give "
-                                 "--act-bits 8 or drop --act-exclude", param_hint="--act-exclude")
-    if act_calib is not None and act_bits is None:
-        raise click.BadParameter(f"--act-calib {act_calib} sets the scales of --act-bits; give --act-bits 8 "
-                                 "or drop --act-calib", param_hint="--act-calib")
-    if narrow_range and not symmetric:
-        raise click.BadParameter("--narrow-range needs a symmetric grid; drop --asymmetric",
-                                 param_hint="--narrow-range")
+    act_bits = None if act_bits is None else int(act_bits)
     if output is None:
-        stem = os.path.splitext(model)[0]
-        groups = "" if group_size is None else f"g{group_size}"
-        output = f"{stem}.w{bits}{groups}{'' if act_bits is None else 'a' + act_bits}.{fmt}.onnx"
-    for option, path in (("--report", report_path), ("--save-hessians", save_hessians)):
-        if path is not None:
-            _check_side_file(path, option, model, output)
-    _check_clashes({"--output": output, "--report": report_path, "--save-hessians": save_hessians},
-                   {"--calib": calib_kw["calib"], "--hessians": hessians_path})
-    cfg = QuantizeConfig(
-        model=model, output=output, calib=calib_config(calib_kw),
-        solve=SolveConfig(method=method, order=order, block=block,
-                          damp=Damping(damp, relative=damp_mode == "relative"),
-                          grid=GridSpec(bits=bits, symmetric=symmetric, narrow=narrow_range, search=scale_search,
-                                       group_size=group_size or 0),
-                          precision=precision),
-        format=fmt, opset=opset,
-        bn=BNConfig(reestimate=bn_reestimate, mode=bn_mode, fold=bn_fold, correct_folded=bn_correct,
-                     samples=bn_samples),
-        device=device, exclude=tuple(exclude), op_types=tuple(dict.fromkeys(op for ops in op_types for op in ops)), layer_bits=tuple(layer_bits),
-        layer_group_size=tuple(layer_group_size), report=report_path,
-        hessians=hessians_path, save_hessians=save_hessians, act_bits=None if act_bits is None else int(act_bits),
-        act_calib=act_calib or "mse", act_exclude=tuple(act_exclude))
-    report = pipeline.run(cfg, BarProgress(not quiet))
+        output = default_output(model, bits, method, fmt, group_size, act_bits, calib_kw["calib"] == "random")
+    report = api.quantize(
+        model, output, **calibration_args(calib_kw), bits=bits, method=method, order=order, damp=damp,
+        damp_mode=damp_mode, block=block, symmetric=symmetric, narrow_range=narrow_range, scale_search=scale_search,
+        group_size=group_size, format=fmt, opset=opset, act_bits=act_bits, act_calib=act_calib,
+        act_exclude=act_exclude, bn_reestimate=bn_reestimate, bn_mode=bn_mode, bn_fold=bn_fold,
+        bn_correct=bn_correct, bn_samples=bn_samples, exclude=exclude,
+        op_types=tuple(op for ops in op_types for op in ops), layer_bits=layer_bits,
+        layer_group_size=layer_group_size, device=device, precision=precision, report=report_path,
+        hessians=hessians_path, save_hessians=save_hessians, overwrite=overwrite, progress=BarProgress(not quiet))
     if not quiet:
-        click.echo(pipeline.layer_table(report))
+        click.echo(layer_table(report))
         click.echo()
-    for line in pipeline.summary_lines(report):
+    for line in summary_lines(report):
         if not quiet or line.startswith("wrote"):
             click.echo(line)
-
-
-def _check_side_file(path: str, option: str, model: str, output: str) -> None:
-    """Refuse a --report or --save-hessians path that would overwrite the input or output model,
-    or cannot be written."""
-    example = "hessians.npz" if option == "--save-hessians" else "report.json"
-    real = os.path.realpath(path)
-    for other, what in ((model, "the input model"), (output, "the output model"),
-                        (output + ".data", "the output model's data")):
-        if real == os.path.realpath(other):
-            raise click.BadParameter(f"{path}: this is {what}; give another file, e.g. {example}",
-                                     param_hint=option)
-    if os.path.isdir(real):
-        raise click.BadParameter(f"{path}: is a folder; give a file name, e.g. {example}", param_hint=option)
-    if os.path.exists(real) and not os.path.isfile(real):
-        raise click.BadParameter(f"{path}: is not a regular file (a device or a pipe), which the atomic rename "
-                                 f"would replace; give a file name, e.g. {example}", param_hint=option)
-    parent = os.path.dirname(real)
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"{path}: folder {parent} does not exist; create it first", param_hint=option)
-
-
-def _check_clashes(written: dict, read: dict) -> None:
-    """Refuse a file that the run writes where it reads another input (--calib's file,
-    --hessians), or that two options would both write."""
-    seen = {}
-    for option, path in written.items():
-        if path is None:
-            continue
-        real = os.path.realpath(path)
-        for other, source in read.items():
-            if source is not None and os.path.isfile(source) and real == os.path.realpath(source):
-                raise click.BadParameter(f"{path}: this is the {other} file, an input; give another path",
-                                         param_hint=option)
-        if real in seen:
-            raise click.BadParameter(f"{path}: {seen[real]} writes there too; give two different files",
-                                     param_hint=option)
-        seen[real] = option
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def inspect(model, as_json):
-    """List the layers onnxobq would quantize, and those it would leave in float."""
-    scan, notes = pipeline.inspect_model(model)
+    """List the model's inputs and the layers onnxobq would quantize, and those it would leave in float."""
+    found = api.inspect(model)
     if as_json:
-        from dataclasses import asdict
-        click.echo(json.dumps({"layers": [asdict(l) for l in scan.layers],
-                               "skipped": [asdict(s) for s in scan.skipped], "notes": notes}, indent=2, default=str))
+        click.echo(json.dumps(found.to_dict(), indent=2, default=str))
         return
     rows = [("layer", "op", "weight", "weight shape", "d_row x d_col", "groups", "weight lives in")]
-    for l in scan.layers:       # (--exclude and the other globs match the layer, weight and sharing nodes' names)
-        source = l.source + (f" (also {', '.join(name for name, _, _ in l.uses)})" if l.uses else "")
+    for l in found.quantizable:     # (--exclude and the other globs match the layer, weight and sharing nodes' names)
+        source = l.source + (f" (also {', '.join(l.shared_with)})" if l.shared_with else "")
         rows.append((l.name, l.op, l.weight, "x".join(map(str, l.shape)), f"{l.rows}x{l.cols}", str(l.groups), source))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[:1]))
-    click.echo("  ".join("-" * w for w in widths))
-    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]))
-    params = sum(l.groups * l.rows * l.cols for l in scan.layers)
+    click.echo(_table(rows))
     by_op = {}
-    for l in scan.layers:
+    for l in found.quantizable:
         by_op[l.op] = by_op.get(l.op, 0) + 1
-    click.echo(f"\n{len(scan.layers)} quantizable layers (" + ", ".join(f"{n} {op}" for op, n in by_op.items())
-               + f"), {params:,} weights; {len(scan.skipped)} left in float")
-    for s in scan.skipped:
+    params = sum(l.groups * l.rows * l.cols for l in found.quantizable)
+    click.echo(f"\n{len(found.quantizable)} quantizable layers (" + ", ".join(f"{n} {op}" for op, n in by_op.items())
+               + f"), {params:,} weights; {len(found.skipped)} left in float")
+    click.echo(_float_line(found.weights))
+    click.echo("inputs: " + "; ".join(f"{i.name} {_dims(i.shape)} {i.dtype}" for i in found.inputs)
+               + " (give --size or --input-shape for a dynamic ?)" * any(None in i.shape for i in found.inputs))
+    for s in found.skipped:
         click.echo(f"skipped: {s.name} ({s.op}): {s.reason}")
-    for note in notes:
+    for note in found.notes:
         click.echo(f"note: {note}")
+
+
+def _float_line(weights: dict) -> str:
+    total = weights["quantized"] + weights["float"]
+    share = f" ({100 * weights['float'] / total:.1f}% of {total:,})" if total else ""
+    ops = ", ".join(f"{op} {n:,}" for op, n in list(weights["float_by_op"].items())[:6])
+    return f"parameters left in float: {weights['float']:,}{share}" + (f": {ops}" if ops else "")
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _table(rows) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 @cli.command()
@@ -446,21 +453,37 @@ def inspect(model, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def compare(float_model, quant_model, device, as_json, **calib_kw):
     """Compare FLOAT_MODEL with QUANT_MODEL on calibration data: SQNR, cosine, top-1 agreement."""
-    calib = calib_config(calib_kw)
-    if calib is None:
-        raise click.BadParameter("give the data to compare on, e.g. --calib images/ or --calib random",
-                                 param_hint="--calib")
-    results = pipeline.compare(float_model, quant_model, calib, device, BarProgress(not as_json))
+    result = api.compare(float_model, quant_model, **calibration_args(calib_kw), device=device,
+                         progress=BarProgress(not as_json))
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps([a.to_dict() for a in result.outputs], indent=2))
         return
     click.echo(f"{'output':30s} {'SQNR dB':>9s} {'cosine':>9s} {'top-1 agree':>12s}")
-    for r in results:
-        top1 = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.4f}"
-        click.echo(f"{r['output'][:30]:30s} {r['sqnr_db']:9.2f} {r['cosine']:9.5f} {top1:>12s}")
-    if any(r["top1_agreement"] is not None for r in results):
+    for r in result.outputs:
+        top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.4f}"
+        click.echo(f"{r.output[:30]:30s} {r.sqnr_db:9.2f} {r.cosine:9.5f} {top1:>12s}")
+    if any(r.top1_agreement is not None for r in result.outputs):
         click.echo("top-1 agree: how often the argmax over the last axis is the same; it is shown for 2-D "
                    "outputs and probabilities, and means something for classifier outputs only")
+    click.echo(f"on {result.samples} samples of {_described(result.calibration)}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}")
+
+
+def _described(calibration: dict) -> str:
+    """The data compare ran on, in words: the source, and the pre-processing of images."""
+    if calibration["kind"] == "random":
+        return f"--calib random --seed {calibration['seed']}"
+    text = f"--calib {calibration['source']}"
+    if calibration["kind"] == "images":
+        image, default = calibration["image"], api.ImageOptions()
+        changed = {k: v for k, v in image.items() if v != _plain(getattr(default, k))}
+        text += " (images: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "the default stretch, RGB, x/255") + ")"
+    return text
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def main(argv=None) -> int:
@@ -469,7 +492,8 @@ def main(argv=None) -> int:
         click.echo(cli.get_help(click.Context(cli, info_name="onnxobq")))   # no command: the help, as click shows it
         return 0
     try:
-        cli.main(args=argv, prog_name="onnxobq", standalone_mode=False)
+        with spelled_as(FLAGS):
+            cli.main(args=argv, prog_name="onnxobq", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

@@ -1,12 +1,56 @@
-"""The one exception type that the CLI turns into a one-line error with exit status 2."""
+"""The one exception type for bad input, and how its messages name the options.
+
+A message names the option at fault with :func:`option`, in the spelling of whoever called:
+a Python parameter (``act_bits=8``) for the library, a flag (``--act-bits 8``) where the
+command line has set its table with :func:`spelled_as`. The same holds for the notes of the
+report, so that each reader sees the names they typed.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+# The flag of each Python parameter while the command line runs (None: Python's own names).
+_FLAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("onnxobq_flags", default=None)
 
 
 class UserError(Exception):
     """A problem with what the user gave us: a file, an option or the calibration data.
 
-    The message names the input and says how to fix it. The CLI prints it on one
+    The message names the input and says how to fix it. The command line prints it on one
     line and exits with status 2; it never shows a traceback.
     """
+
+
+def option(name: str, value=None) -> str:
+    """An option as the caller spells it: ``name`` or ``name=value`` in Python, the flag (and
+    its value) on the command line. A boolean's other flag (``symmetric=False`` is
+    ``--asymmetric``) is looked up whole first."""
+    flags = _FLAGS.get()
+    if flags is None:
+        return name if value is None else f"{name}={value}"
+    if value is not None and f"{name}={value}" in flags:
+        return flags[f"{name}={value}"]
+    flag = flags.get(name, name)
+    return flag if value is None else f"{flag} {value}"
+
+
+@contextlib.contextmanager
+def spelled_as(flags: dict[str, str]):
+    """Spell options with ``flags`` (Python name -> flag) within the block (and in the threads
+    that the run starts from it: see :func:`in_context`)."""
+    token = _FLAGS.set(flags)
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def in_context(fn):
+    """``fn`` bound to the caller's context, to run on other threads with the same spelling (each
+    call runs in its own copy: a context can be entered by one thread at a time)."""
+    context = contextvars.copy_context()
+    return lambda *args, **kwargs: context.copy().run(fn, *args, **kwargs)
 
 
 def cannot_read(what: str, exc: OSError) -> UserError:

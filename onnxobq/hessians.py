@@ -1,87 +1,150 @@
-"""Save captured Hessians to a file and load them back, to skip the capture.
+"""Captured Hessians as a value to reuse: in memory, or in an .npz file.
 
-The Hessians depend only on the float model and the calibration data, not on the
-bit width, the method or the grid, so one capture can serve a whole sweep of
-settings (``--save-hessians`` once, then ``--hessians``). The file is an ``.npz``:
-one array per Hessian and its row count, and a JSON header with the model's
-digest and the calibration settings, which are checked on loading; and, where the capture
-counted them (--act-bits), each layer input's histogram of |x|.
+The Hessians depend only on the float model and the calibration data, not on the bit width,
+the method or the grid, so one capture can serve a whole sweep of settings
+(``capture`` once, then ``quantize(..., hessians=h)``; or ``--save-hessians`` once, then
+``--hessians``). A Hessians value carries the model's digest and the calibration settings,
+which are checked where it is used. The file is an ``.npz``: one array per Hessian and its
+row count, a JSON header with the digest and the settings, and, where the capture counted
+them (act_bits), each layer input's histogram of |x|.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .backend import to_numpy
-from .calibration import CalibConfig
-from .capture import Captured
-from .errors import UserError, cannot_read
-from .graph.io import external_data_files, write_atomically
-from .graph.layers import Layer
+from .errors import UserError, cannot_read, option
+from .files import write_atomically
+from .graph.io import external_data_files
 from .quant.activations import HISTOGRAM_BINS, AbsHistogram
+from .types import Captured, Layer
 
-# Version 2: the layers' keys name the other uses of a shared weight (Layer.uses), so the keys
-# of version-1 files no longer match any layer.
-FORMAT = "onnxobq-hessians/2"
+# Version 3: the calibration settings name the kind of source (and data in memory).
+FORMAT = "onnxobq-hessians/3"
 
 
-def model_digest(path: str) -> str:
-    """sha256 of the model file and of the external data files it names."""
+def model_digest(model) -> str:
+    """sha256 of a model file and the external data files it names, or of a model in memory
+    (its serialisation; past 2 GiB, its nodes and its tensors' bytes)."""
     h = hashlib.sha256()
-    for name in [path, *external_data_files(path)]:
+    if isinstance(model, onnx.ModelProto):
+        try:
+            h.update(model.SerializeToString(deterministic=True))
+        except ValueError:
+            for part in [*model.graph.node, *model.graph.initializer]:
+                h.update(part.SerializeToString(deterministic=True))
+        return h.hexdigest()
+    for name in [model, *external_data_files(model)]:
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
 
 
-def calib_description(calib: CalibConfig) -> dict:
-    """The calibration settings as JSON-able values, with a file or folder source made absolute."""
-    d = dataclasses.asdict(calib)
-    d.pop("pick", None)            # BN's choice of samples, not the Hessians'; absent from older files
-    d.pop("given", None)           # which options were typed; their values are in the rest
-    if d["source"] != "random":
-        d["source"] = os.path.abspath(d["source"])
-    return json.loads(json.dumps(d))   # tuples become lists, as they will be after loading
+@dataclass
+class Hessians:
+    """Every captured layer's Hessian H = 2XX^T/N, with what they were captured from.
+
+    Attributes:
+        captured: the Hessians (NumPy or CuPy arrays) and their row counts, keyed by the repr of
+            each layer's hessian_key, with the sample count and the activation histograms.
+        model: the model's file name (or "model (in memory)"); model_sha256: its digest.
+        calibration: the calibration settings (calibration.describe).
+    """
+
+    captured: Captured
+    model: str
+    model_sha256: str
+    calibration: dict | None
+
+    @property
+    def samples(self) -> int:
+        """The calibration samples the Hessians came from."""
+        return self.captured.samples
+
+    def __repr__(self) -> str:
+        return (f"Hessians({len(self.captured.hessians)} layers of {self.model}, {self.samples} samples"
+                f"{', with activation ranges' if self.captured.ranges else ''})")
+
+    def save(self, path: str) -> None:
+        """Write the Hessians to ``path`` (.npz), atomically (an existing file is replaced)."""
+        keys = list(self.captured.hessians)
+        ranges = list(self.captured.ranges.items())     # the layer inputs' |x| histograms, for act_bits
+        header = {"format": FORMAT, "model": self.model, "model_sha256": self.model_sha256,
+                  "calib": self.calibration, "samples": self.samples, "keys": keys,
+                  "ranges": [{"tensor": name, "top": h.top, "amax": h.amax} for name, h in ranges]}
+        arrays = {"header": np.array(json.dumps(header))}
+        for i, key in enumerate(keys):
+            arrays[f"h{i}"] = to_numpy(self.captured.hessians[key])
+            arrays[f"rows{i}"] = np.array(self.captured.rows[key], dtype=np.int64)
+        for i, (_, hist) in enumerate(ranges):
+            arrays[f"act{i}"] = hist.counts
+        write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
+
+    def for_run(self, layers: list[Layer], digest: str, model_name: str, calibration: dict | None, xp) -> Captured:
+        """The Hessians of ``layers`` on ``xp`` (keyed by hessian_key), checked against the run's
+        model and calibration settings (None, or data in memory: not checked).
+
+        Raises:
+            UserError: they come from another model or other calibration settings, or lack a layer.
+        """
+        return _checked(option("hessians") + " (captured)", self.model, self.model_sha256, self.calibration,
+                        self.samples, layers, digest, model_name, calibration,
+                        lambda i, layer: (self.captured.hessians.get(i), self.captured.rows.get(i)),
+                        list(self.captured.hessians), xp, self.captured.ranges)
 
 
-def save(path: str, captured: Captured, layers: list[Layer], model_path: str, calib: CalibConfig) -> None:
-    """Write every layer's Hessian to ``path`` (.npz), atomically."""
-    keys = list(dict.fromkeys(layer.hessian_key for layer in layers))
-    header = {"format": FORMAT, "model": os.path.basename(model_path), "model_sha256": model_digest(model_path),
-              "calib": calib_description(calib), "samples": captured.samples,
-              "keys": [repr(k) for k in keys]}
-    ranges = list(captured.ranges.items())         # the layer inputs' |x| histograms, for --act-bits
-    header["ranges"] = [{"tensor": name, "top": h.top, "amax": h.amax} for name, h in ranges]
-    arrays = {"header": np.array(json.dumps(header))}
-    for i, key in enumerate(keys):
-        arrays[f"h{i}"] = to_numpy(captured.hessians[key])
-        arrays[f"rows{i}"] = np.array(captured.rows[key], dtype=np.int64)
-    for i, (_, hist) in enumerate(ranges):
-        arrays[f"act{i}"] = hist.counts
-    write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
+def _checked(where, model, sha, saved_calib, samples, layers, digest, model_name, calibration, read, keys, xp,
+             ranges) -> Captured:
+    """The Captured of ``layers``, each Hessian read by ``read(key repr, layer)`` -> (H, rows)."""
+    again = f"capture them again with {option('save_hessians')}"
+    if digest != sha:
+        raise UserError(f"{where}: captured from another model ({model}), not {model_name}; {again}")
+    if (calibration is not None and saved_calib is not None and "in memory" not in (calibration["source"],
+                                                                                      saved_calib["source"])
+            and calibration != saved_calib):
+        raise UserError(f"{where}: captured with other calibration settings "
+                        f"({option('calibration', saved_calib['source'])}, {samples} samples); "
+                        f"give the same {option('calibration')} options, or {again}")
+    hessians, rows = {}, {}
+    for layer in layers:          # read only the Hessians these layers use
+        key = repr(layer.hessian_key)
+        if key not in keys:
+            raise UserError(f"{where}: has no Hessian for layer {layer.name} (saved with other "
+                            f"{option('exclude')} or {option('op_types')}?); {again}")
+        if layer.hessian_key not in hessians:
+            H, n = read(key, layer)
+            if H is None or H.shape != (layer.groups, layer.cols, layer.cols):
+                raise UserError(f"{where}: damaged (the Hessian of layer {layer.name} is missing or not "
+                                f"{layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
+            hessians[layer.hessian_key], rows[layer.hessian_key] = xp.asarray(H), n
+    return Captured(hessians, rows, samples, ranges=dict(ranges))
 
 
-def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | None, xp) -> Captured:
-    """Read the Hessians of ``layers`` from a file written by :func:`save`.
+def from_file(path: str, layers: list[Layer], digest: str, model_name: str, calibration: dict | None, xp) -> Captured:
+    """The Hessians of ``layers`` from a file written by Hessians.save (checked as by
+    Hessians.for_run), reading only those.
 
     Raises:
-        UserError: the file is missing or not a Hessian file, or it was captured from
-            another model, other calibration settings or fewer layers.
+        UserError: the file is missing, unreadable, not a Hessian file of this version, or
+            damaged; or see Hessians.for_run.
     """
-    again = "capture them again with --save-hessians"
+    where = option("hessians", path)
+    again = f"capture them again with {option('save_hessians')}"
     if not os.path.isfile(path):
-        raise UserError(f"--hessians {path}: no such file; give a file written by --save-hessians")
-    not_ours = UserError(f"--hessians {path}: not a Hessian file of this onnxobq version; {again}")
+        raise UserError(f"{where}: no such file; give a file written by {option('save_hessians')}")
+    not_ours = UserError(f"{where}: not a Hessian file of this onnxobq version; {again}")
     try:
         npz = np.load(path, allow_pickle=False)
     except PermissionError as exc:
-        raise cannot_read(f"--hessians {path}", exc) from None
+        raise cannot_read(where, exc) from None
     except (OSError, ValueError, zipfile.BadZipFile):
         raise not_ours from None
     with npz:
@@ -92,31 +155,13 @@ def load(path: str, layers: list[Layer], model_path: str, calib: CalibConfig | N
         if (not isinstance(header, dict) or header.get("format") != FORMAT
                 or not {"model", "model_sha256", "calib", "samples", "keys"} <= set(header)):
             raise not_ours
-        if header["model_sha256"] != model_digest(model_path):
-            raise UserError(f"--hessians {path}: captured from another model ({header['model']}), "
-                            f"not {model_path}; {again}")
-        if calib is not None and calib_description(calib) != header["calib"]:
-            raise UserError(f"--hessians {path}: captured with other calibration settings "
-                            f"(--calib {header['calib']['source']}, {header['samples']} samples); "
-                            f"give the same --calib options, or {again}")
         index = {k: i for i, k in enumerate(header["keys"])}
-        hessians, rows = {}, {}
-        for layer in layers:          # read only the Hessians these layers use
-            key = layer.hessian_key
-            i = index.get(repr(key))
-            if i is None:
-                raise UserError(f"--hessians {path}: has no Hessian for layer {layer.name} "
-                                f"(saved with other --exclude or --op-types?); {again}")
-            if key not in hessians:
-                H, n = _arrays(npz, i, layer)
-                if H is None:
-                    raise UserError(f"--hessians {path}: damaged (the Hessian of layer {layer.name} is missing "
-                                    f"or not {layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
-                hessians[key], rows[key] = xp.asarray(H), n
         ranges = _ranges(npz, header.get("ranges", []))
         if ranges is None:
-            raise UserError(f"--hessians {path}: damaged (its activation ranges); {again}")
-    return Captured(hessians, rows, header["samples"], ranges=ranges)
+            raise UserError(f"{where}: damaged (its activation ranges); {again}")
+        return _checked(where, header["model"], header["model_sha256"], header["calib"], header["samples"],
+                        layers, digest, model_name, calibration, lambda key, layer: _arrays(npz, index[key]),
+                        header["keys"], xp, ranges)
 
 
 def _ranges(npz, listed) -> dict | None:
@@ -133,14 +178,12 @@ def _ranges(npz, listed) -> dict | None:
     return ranges
 
 
-def _arrays(npz, i: int, layer: Layer):
-    """Hessian i of the file and its row count, checked against the layer; (None, None) if
-    they are missing or do not fit."""
+def _arrays(npz, i: int):
+    """Hessian i of the file and its row count; (None, None) if they are missing or malformed."""
     try:
         H, n = npz[f"h{i}"], npz[f"rows{i}"]
     except (KeyError, ValueError, OSError, zipfile.BadZipFile):
         return None, None
-    if (H.shape != (layer.groups, layer.cols, layer.cols) or not np.issubdtype(H.dtype, np.floating)
-            or n.shape != () or not np.issubdtype(n.dtype, np.integer)):
+    if not np.issubdtype(H.dtype, np.floating) or n.shape != () or not np.issubdtype(n.dtype, np.integer):
         return None, None
     return H, int(n)

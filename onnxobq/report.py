@@ -2,19 +2,40 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
-import resource
 from dataclasses import asdict, dataclass, field
 
-from .graph.io import write_atomically
-from .graph.layers import Skipped
-from .solve import LayerStats
+from .errors import option
+from .files import write_atomically
+from .metrics import sqnr_db
+from .types import LayerStats, Skipped
 
 
 @dataclass
-class RunReport:
-    """Everything a run measured. Built by the pipeline, shown by the CLI."""
+class Report:
+    """Everything a run measured and wrote. Built by the pipeline; the command line shows it
+    with layer_table and summary_lines; ``to_dict()`` is the JSON report.
+
+    Attributes:
+        settings: every setting of the run, resolved (the method's order, the opset written).
+        layers: one LayerStats per quantized layer, in graph order; skipped: the layers left in
+            float, each with the reason.
+        stages: seconds per stage (load, capture, solve, bn, export).
+        samples: calibration samples the Hessians came from.
+        device: "cpu" or "cuda:NAME".
+        storage: how the weights are stored, in words.
+        peak_rss_mb, peak_gpu_mb: peak host memory of the process, GPU memory of CuPy's pool.
+        bn: the BatchNorm step (enabled, errors before and after, kept, counts, notes).
+        outputs: the files written (the model first); none where ``output`` was None.
+        capture_waited: seconds the capture waited for onnxruntime's forward passes.
+        activations: what act_bits quantized, with the scales.
+        notes: about the run as a whole.
+        model: the input model's name; model_sha256: its digest.
+        calibration: the calibration data and its pre-processing (calibration.describe).
+        weights: parameter counts: "quantized", "float" (left in float), and "float_by_op".
+        versions: of onnxobq, onnx, onnxruntime and numpy.
+        quantized_model: the quantized onnx.ModelProto where ``output`` was None (else None).
+    """
 
     settings: dict
     layers: list[LayerStats]
@@ -28,16 +49,26 @@ class RunReport:
     bn: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     capture_waited: float | None = None
-    activations: dict = field(default_factory=dict)    # --act-bits: what was quantized, the scales
-    notes: list[str] = field(default_factory=list)     # about the run as a whole
+    activations: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    model: str = ""
+    model_sha256: str = ""
+    calibration: dict | None = None
+    weights: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    quantized_model: object = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict."""
+        """A JSON-ready dict (without the quantized model itself)."""
         return {
+            "model": self.model,
+            "model_sha256": self.model_sha256,
             "settings": self.settings,
+            "calibration": self.calibration,
             "device": self.device,
             "calibration_samples": self.samples,
             "storage": self.storage,
+            "weights": self.weights,
             "stages_seconds": {k: round(v, 4) for k, v in self.stages.items()},
             "total_seconds": round(sum(self.stages.values()), 4),
             "capture_waited_seconds": None if self.capture_waited is None else round(self.capture_waited, 4),
@@ -49,16 +80,25 @@ class RunReport:
             "notes": self.notes,
             "layers": [asdict(s) for s in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
+            "versions": self.versions,
             "platform": {"python": platform.python_version(), "machine": platform.machine()},
         }
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def versions() -> dict:
+    """The versions of onnxobq and the libraries that shape its output."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("onnxobq", "onnx", "onnxruntime", "numpy", "onnx-graphsurgeon"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
-def write_json(report: RunReport, path: str) -> None:
+def write_json(report: Report, path: str) -> None:
     """Write the report atomically."""
     write_atomically(path, lambda f: json.dump(report.to_dict(), f, indent=2))
 
@@ -67,7 +107,7 @@ def _fmt_err(e: float | None) -> str:
     return "-" if e is None else f"{e:.3e}"
 
 
-def layer_table(report: RunReport) -> str:
+def layer_table(report: Report) -> str:
     """The per-layer table: error relative to ||WX||^2 for the method and for plain rounding."""
     rows = [("layer", "op", "weight", "bits", "method", "error", "rtn error", "seconds")]
     for s in report.layers:
@@ -106,7 +146,7 @@ def _note_lines(layers) -> list[str]:
     return out
 
 
-def summary_lines(report: RunReport) -> list[str]:
+def summary_lines(report: Report) -> list[str]:
     """A few lines after the table: totals, BN, times, memory, outputs."""
     errs = [s.error for s in report.layers if s.error is not None]
     rtn = [s.rtn_error for s in report.layers if s.rtn_error is not None]
@@ -139,7 +179,8 @@ def summary_lines(report: RunReport) -> list[str]:
     act = report.activations
     if act.get("enabled"):
         n, t, kept = act["layer_inputs"], act["tensors"], act.get("excluded", [])
-        float_note = f"; {len(kept)} layer input{'s' * (len(kept) != 1)} kept in float by --act-exclude" if kept else ""
+        float_note = (f"; {len(kept)} layer input{'s' * (len(kept) != 1)} kept in float by {option('act_exclude')}"
+                      if kept else "")
         out.append(f"activations: INT{act['bits']} QuantizeLinear/DequantizeLinear on {n} layer input{'s' * (n != 1)} "
                    f"({t} tensor{'s' * (t != 1)}), one scale per tensor ({act['calibration']} calibration "
                    f"over the {report.samples} calibration samples){float_note}")
@@ -159,7 +200,7 @@ def _on_samples(n: int | None, total: int) -> str:
     if not n:
         return ""
     if n < total:
-        return f" on {n} of the {total} samples (--bn-samples)"
+        return f" on {n} of the {total} samples ({option('bn_samples')})"
     return f" on {n} samples"
 
 
@@ -183,8 +224,3 @@ def bn_lines(bn: dict, calibration_samples: int = 0) -> list[str]:
                          f"and weights; {change} with {work}")
     lines.extend(f"BN: {note}" for note in bn.get("notes", []))
     return lines
-
-
-def sqnr_db(rel_error: float) -> float:
-    """Signal-to-quantization-noise ratio in dB from a relative squared error."""
-    return math.inf if rel_error <= 0 else -10.0 * math.log10(rel_error)

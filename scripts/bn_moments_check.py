@@ -2,9 +2,9 @@
 """How far BatchNorm re-estimation's per-channel variances are from float64 moments.
 
 Runs the float model on a few inputs, exposes every Conv output, and compares each
-channel's variance from ``bn.Moments.of`` (two passes: the mean, then the deviations) and
-from one-pass sums of squares (E[x^2] - E[x]^2 from float32 runs, onnxobq's sums before
-e20e356) against float64 moments of the same arrays. Prints the largest |mean| / std of
+channel's variance from ``bn.stats.Moments.of`` (two passes: the mean, then the deviations) and
+from one-pass sums of squares (E[x^2] - E[x]^2 from float32 runs, as onnxobq once summed them)
+against float64 moments of the same arrays. Prints the largest |mean| / std of
 any channel and the largest relative error of either method.
 
 Examples::
@@ -20,9 +20,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxobq.bn import SQUARES_RUN, Moments
-from onnxobq.capture import run, session
-from onnxobq.graph.layers import scan_layers
+from onnxobq.backend import Tuning
+from onnxobq.bn.stats import Moments
+from onnxobq.graph import scan_layers
+from onnxobq.runtime import run, session
+
+SQUARES_RUN = Tuning.squares_run
 
 
 def one_pass_variance(a: np.ndarray) -> np.ndarray:

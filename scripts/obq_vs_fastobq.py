@@ -53,8 +53,8 @@ def real_layers(args) -> None:
     import onnx_graphsurgeon as gs
 
     from onnxobq.graph import load_model, scan_layers
-    from onnxobq.graph.layers import to_matrix
-    from onnxobq.hessians import load
+    from onnxobq.hessians import from_file, model_digest
+    from onnxobq.types import to_matrix
 
     scan = scan_layers(gs.import_onnx(load_model(args.model)))
     wanted = args.layers.split(",")
@@ -62,7 +62,7 @@ def real_layers(args) -> None:
     missing = set(wanted) - {l.name for l in layers}
     if missing:
         raise SystemExit(f"obq_vs_fastobq.py: error: --layers: {', '.join(sorted(missing))} not in {args.model}")
-    captured = load(args.hessians, layers, args.model, None, np)
+    captured = from_file(args.hessians, layers, model_digest(args.model), args.model, None, np)
     for layer in layers:
         W = to_matrix(layer, scan.weights[layer.name]).astype(np.float64)
         H = captured.hessians[layer.hessian_key].astype(np.float64)

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "evaluate the result; repeatable")
     p.add_argument("--onnxobq", default=None,
                    help="command that runs the onnxobq CLI (default: 'onnxobq' on PATH, "
-                        "else the current Python with onnxobq.cli:main)")
+                        "else the current Python's 'python -m onnxobq')")
     p.add_argument("--no-fp32", action="store_true", help="do not evaluate the FP32 model")
     p.add_argument("--sets", default="clean,hard", help="evaluation sets to run (default clean,hard)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
@@ -100,7 +100,7 @@ def onnxobq_command(option: str | None) -> list[str]:
     exe = shutil.which("onnxobq")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "import sys; from onnxobq.cli import main; sys.exit(main())"]
+    return [sys.executable, "-m", "onnxobq"]
 
 
 def quantize(spec: str, fp32: Path, calib: Path, out_dir: Path, cli: list[str]) -> dict:

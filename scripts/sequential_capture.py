@@ -19,12 +19,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from onnxobq.backend import choose_device
 from onnxobq.calibration import CalibConfig
-from onnxobq.capture import capture_hessians, session_options
+from onnxobq.capturing import capture_hessians
 from onnxobq.config import SolveConfig
 from onnxobq.export import build_model, model_opset
 from onnxobq.graph import load_model, scan_layers
+from onnxobq.metrics import SignalNoise
 from onnxobq.quant import GridSpec
+from onnxobq.runtime import session_options
 from onnxobq.solve import solve_layer
 
 
@@ -41,12 +44,15 @@ def main(model_path, calib, held_out, bits, chunks):
     ref = outputs(model)
 
     def sqnr(qlayers):
-        y = outputs(build_model(model, qlayers, "fake", opset, True))
-        return 10 * np.log10((ref ** 2).sum() / ((y - ref) ** 2).sum())
+        agreement = SignalNoise()
+        agreement.add(ref, outputs(build_model(model, qlayers, "fake", opset, True)))
+        return agreement.sqnr_db()
+
+    device = choose_device("cpu")
 
     def solve(group, current):
-        cap = capture_hessians(current, group, CalibConfig(source=calib), np)
-        return [solve_layer(l, scan.weights[l.name], cap.hessians[l.hessian_key], cfg, np)[0] for l in group]
+        cap = capture_hessians(current, group, CalibConfig(source=calib), device)
+        return [solve_layer(l, scan.weights[l.name], cap.hessians[l.hessian_key], cfg, device)[0] for l in group]
 
     start = time.perf_counter()
     print(f"one-shot capture:    SQNR {sqnr(solve(layers, model)):.2f} dB ({time.perf_counter() - start:.1f} s)")

@@ -2,12 +2,12 @@
 """Capture speed of one stride-1 3 x 3 conv: shifted products against im2col, on NumPy.
 
 For each shape (channels, height = width, batch) the script times
-``onnxobq.capture.accumulate`` on random inputs with shifted products forced on and off
+``onnxobq.hessian.accumulate`` on random inputs with shifted products forced on and off
 (alternating, best of ``--repeat``; each timing is the mean of calls over at least 0.3 s,
 with the held-back columns multiplied at the end), and prints the time ratio beside the
-cost ratio ``capture.shift_cost`` predicts. ``shifts_pay`` uses shifted products where that
-cost ratio is at most ``capture.SHIFT_COST``. The sums use the gathers a real capture gives the
-layer (``capture.gather_columns``).
+cost ratio ``hessian.shifted.shift_cost`` predicts. ``shifts_pay`` uses shifted products where
+that cost ratio is at most ``Tuning.shift_cost``. The sums use the gathers a real capture gives
+the layer (``hessian.gather_columns``).
 
 Examples::
 
@@ -21,9 +21,10 @@ import time
 
 import numpy as np
 
-from onnxobq import capture
-from onnxobq.backend import Uploader
-from onnxobq.graph.layers import ConvGeometry, Layer
+from onnxobq.backend import Tuning, Uploader, choose_device
+from onnxobq.hessian import HessianSum, Products, accumulate, gather_columns
+from onnxobq.hessian.shifted import shift_cost
+from onnxobq.types import ConvGeometry, Layer
 
 SHAPES = "96x52x1,192x26x1,192x13x1,384x13x1,96x10x1,96x7x1,64x56x8,128x28x8,256x14x8,512x7x8,32x7x8,128x7x1"
 
@@ -38,20 +39,16 @@ def conv(channels: int) -> Layer:
 
 def seconds_per_call(layer: Layer, x: np.ndarray, shifted: bool) -> float:
     """Mean time of accumulate over at least 0.3 s, after one warm-up call."""
-    saved = capture.SHIFT_COST
-    capture.SHIFT_COST = float("inf") if shifted else float("-inf")
-    try:
-        gather = capture.gather_columns(layer, np)
-        upload, product = Uploader(np), capture.Products(np)
-        capture.accumulate(layer, x, capture.HessianSum(gather=gather), np, upload, product)
-        acc, calls, start = capture.HessianSum(gather=gather), 0, time.perf_counter()
-        while calls < 2 or time.perf_counter() - start < 0.3:
-            capture.accumulate(layer, x, acc, np, upload, product)
-            calls += 1
-        acc.hessian(np, product)
-        return (time.perf_counter() - start) / calls
-    finally:
-        capture.SHIFT_COST = saved
+    device = choose_device("cpu", tuning=Tuning(shift_cost=float("inf") if shifted else float("-inf")))
+    gather = gather_columns(layer, device)
+    upload, product = Uploader(np), Products(np)
+    accumulate(layer, x, HessianSum(gather=gather), device, upload, product)
+    acc, calls, start = HessianSum(gather=gather), 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < 0.3:
+        accumulate(layer, x, acc, device, upload, product)
+        calls += 1
+    acc.hessian(np, product)
+    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -60,13 +57,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="alternating timings of each way (default 3)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    print(f"SHIFT_COST {capture.SHIFT_COST}")
+    device = choose_device("cpu")
+    print(f"shift_cost {device.tuning.shift_cost}")
     print(f"{'channels':>8} {'size':>5} {'batch':>5} {'cost':>6} {'time':>6} {'im2col ms':>10} {'shifted ms':>10}")
     for shape in args.shapes.split(","):
         channels, size, batch = map(int, shape.split("x"))
         layer = conv(channels)
         x = rng.standard_normal((batch, channels, size, size), dtype=np.float32)
-        cost = capture.shift_cost(layer.conv, x.shape, capture.gather_columns(layer, np))
+        cost = shift_cost(layer.conv, x.shape, device.tuning, gather_columns(layer, device))
         times = {False: [], True: []}
         for _ in range(args.repeat):
             for shifted in (False, True):

@@ -149,7 +149,7 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int, group_size: in
     the number of row batches of the full problem over those solved.
     """
     import math
-    from onnxobq.backend import synchronize
+    from onnxobq.backend import choose_device, is_cupy, synchronize
     from onnxobq.quant import GridSpec, fit_grid
     from onnxobq.solvers import METHODS
     from onnxobq.solvers.obq import row_batch
@@ -164,7 +164,9 @@ def time_solve(method: str, W, H, xp, repeat: int, obq_rows: int, group_size: in
     spec = GridSpec(bits=4, group_size=group_size if group_size < C else 0)   # as onnxobq quantize
     grid = fit_grid(W, spec, xp)
     solver = METHODS[method]
-    kwargs = {} if method == "rtn" else dict(order=solver.default_order)
+    # as onnxobq quantize solves on that device: the sweep's CUDA kernel where the device allows it
+    kwargs = {} if method == "rtn" else dict(order=solver.default_order, kernel=choose_device(
+        "cuda" if is_cupy(xp) else "cpu").sweep_kernel)
     if repeat == 0:
         # One cheap run on a few rows first, for CuPy's kernel compilation: without it, three
         # ResNet-50 shapes took 6.5 to 6.7 s of exact OBQ on a fresh GPU machine, against
@@ -203,9 +205,10 @@ def model_layers(model) -> list:
 def time_stacks(layers: list, methods: list[str], xp, dtype: str, repeat: int, group_size: int = 0) -> tuple[dict, int]:
     """Seconds per method to solve ``layers`` as ``onnxobq quantize`` groups them on a GPU
     (``solve.plan_stacks``: same-shaped small layers as one stack), and the number of stacks."""
-    from onnxobq.solve import STACK_MAX_BYTES, plan_stacks
+    from onnxobq.backend import Tuning
+    from onnxobq.solve import plan_stacks
 
-    plan = plan_stacks(layers, [True] * len(layers), np.dtype(dtype).itemsize, STACK_MAX_BYTES)
+    plan = plan_stacks(layers, [True] * len(layers), np.dtype(dtype).itemsize, Tuning.stack_max_bytes)
     totals = {m: 0.0 for m in methods}
     for stack in plan:
         first = layers[stack[0]]
@@ -246,11 +249,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    from onnxobq.backend import array_module
+    from onnxobq.backend import choose_device
     from onnxobq.solvers import common
     if args.gpu_recursive_min_cols is not None:
         common.GPU_RECURSIVE_MIN_COLS = args.gpu_recursive_min_cols
-    xp = array_module(args.device)
+    xp = choose_device(args.device).xp
     dtype = args.precision or ("float32" if args.device == "cuda" else "float64")
     methods = args.methods.split(",")
     layers = []

@@ -45,7 +45,6 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.harness import default_cli  # noqa: E402
-from onnxobq.cli import _shapes  # noqa: E402  (the --input-shape parser of onnxobq quantize)
 
 STAGES = ("load", "capture", "solve", "bn", "export")
 
@@ -141,7 +140,7 @@ def quantize(model: Path, out_dir: Path, tag: str, method: str, device: str, arg
     cmd = list(default_cli()) + ["quantize", str(model), "-o", str(out_dir / "q.onnx"), "--calib", "random",
                    "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                    "--bits", str(args.bits), "--method", method, "--device", device,
-                   "--report", str(report), "-q"]
+                   "--report", str(report), "--overwrite", "-q"]
     for shape in args.input_shape:
         cmd += ["--input-shape", shape]
     if not args.bn:
@@ -165,8 +164,9 @@ def forward_seconds(model_path: Path, samples: int, batch_size: int, capture_out
     through a session that (with ``capture_outputs``) exposes every layer input as the capture does."""
     import onnx_graphsurgeon as gs
     from onnxobq.calibration import CalibConfig, batches
-    from onnxobq.capture import layer_input_outputs, model_inputs, session
+    from onnxobq.capturing import layer_input_outputs
     from onnxobq.graph import scan_layers
+    from onnxobq.runtime import model_inputs, session
 
     model = onnx.load(model_path)
     inputs = model_inputs(model)
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                          f"capture waited for onnxruntime {rec.get('capture_waited_seconds')}s "
                          f"GPU pool {rec.get('peak_gpu_mb')} MB"
                          if rec["status"] == "ok" else str(rec["error"])), flush=True)
-        shapes = _shapes(args.input_shape)
+        shapes = {name: tuple(int(d) for d in dims.lower().split("x"))
+                  for name, _, dims in (shape.rpartition("=") for shape in args.input_shape)}
         fwd = forward_seconds(model, args.samples, args.batch_size, True, shapes)
         plain = forward_seconds(model, args.samples, args.batch_size, False, shapes)
         line = (f"onnxruntime forward passes alone ({args.samples} samples, batch {args.batch_size}): "

@@ -128,18 +128,25 @@ def shared_head(seed=0) -> onnx.ModelProto:
 
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     import onnxruntime as ort
-    from onnxobq.capture import session_options
+    from onnxobq.runtime import session_options
     return ort.InferenceSession(model.SerializeToString(), session_options()).run(None, feed)
 
 
+def cpu(cores: int | None = None, **tuning):
+    """The NumPy Device a run on this machine gets (device "cpu"), with ``tuning`` replacing
+    Tuning's sizes and costs, and ``cores`` its usable CPUs."""
+    from onnxobq.backend import Tuning, choose_device
+    return choose_device("cpu", tuning=Tuning(**tuning), cores=cores)
+
+
 def counted_reads(monkeypatch) -> list:
-    """Count the passes that read the calibration source (calls of calibration._read_batches);
+    """Count the passes that read the calibration source (calls of calibration.batching._read_batches);
     the list grows by one per pass."""
-    from onnxobq import calibration
-    reads, read = [], calibration._read_batches
+    from onnxobq.calibration import batching
+    reads, read = [], batching._read_batches
 
     def counting(cfg, inputs):
         reads.append(1)
         return read(cfg, inputs)
-    monkeypatch.setattr(calibration, "_read_batches", counting)
+    monkeypatch.setattr(batching, "_read_batches", counting)
     return reads

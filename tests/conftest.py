@@ -18,3 +18,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def flags():
+    """Messages spelled with the command line's flags, as ``onnxobq`` (cli.main) spells them, for
+    tests that call the library directly and check a message the command line shows."""
+    from onnxobq.cli import FLAGS
+    from onnxobq.errors import spelled_as
+    with spelled_as(FLAGS):
+        yield

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxobq.capture import capture_hessians
+from onnxobq.capturing import capture_hessians
 from onnxobq.cli import main
 from onnxobq.config import CalibConfig
 from onnxobq.graph.layers import scan_layers
@@ -83,7 +83,7 @@ def test_the_capture_counts_every_layer_input_once(tmp_path):
     layers = scan_layers(gs.import_onnx(model)).layers
     x = builders.rng(5).standard_normal((4, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=3), np, ranges=True)
+    got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=3), builders.cpu(), ranges=True)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend([builders.fvi("p3", None), builders.fvi("p4", None)])
@@ -116,8 +116,8 @@ def test_quantize_writes_int8_qdq_on_each_layer_input_and_runs_as_the_numpy_refe
     code = main(["quantize", str(tmp_path / "m.onnx"), "--bits", "8", "--act-bits", "8", "--act-calib", "max",
                  "--calib", str(tmp_path / "c.npz"), "--no-bn-reestimate", "--format", "fake"])
     out = capsys.readouterr().out
-    assert code == 0 and "m.w8a8.fake.onnx" in out
-    q = onnx.load(tmp_path / "m.w8a8.fake.onnx")
+    assert code == 0 and "m.w8a8.fastobq.fake.onnx" in out
+    q = onnx.load(tmp_path / "m.w8a8.fastobq.fake.onnx")
     onnx.checker.check_model(q)
     nodes = {n.name: n for n in q.graph.node}
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
@@ -230,7 +230,7 @@ def test_act_exclude_without_act_bits_is_an_error(tmp_path, capsys):
     onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
     assert main(["quantize", str(tmp_path / "m.onnx"), "--act-exclude", "fc", "--calib", "random"]) == 2
     err = capsys.readouterr().err
-    assert err == ("onnxobq: error: Invalid value for --act-exclude: --act-exclude fc keeps some layer inputs out "
+    assert err == ("onnxobq: error: --act-exclude fc keeps some layer inputs out "
                    "of --act-bits; give --act-bits 8 or drop --act-exclude\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

@@ -14,8 +14,9 @@ from onnxobq.cli import main
 from onnxobq.config import BNConfig, QuantizeConfig, SolveConfig
 from onnxobq.export import build_model
 from onnxobq.graph import scan_layers
-from onnxobq.capture import Captured
-from onnxobq.pipeline import Progress, solve_all
+from onnxobq.types import Captured
+from onnxobq.pipeline import Progress
+from onnxobq.solve import solve_all
 from onnxobq.quant import GridSpec
 
 import builders
@@ -34,7 +35,7 @@ def data(tmp_path):
 def rtn_layers(model, bits=3):
     scan = scan_layers(gs.import_onnx(model))
     cfg = QuantizeConfig(model="", output="", solve=SolveConfig(method="rtn", grid=GridSpec(bits=bits)))
-    return solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0]
+    return solve_all(scan, Captured({}, {}, 0), cfg, builders.cpu(), Progress())[0]
 
 
 def moments(model, x, names):
@@ -114,19 +115,19 @@ def test_train_mode_statistics_over_several_batches_are_float64_moments_of_its_t
     """The train-mode pass reads each normalisation's batch mean and variance and combines the
     batches: the population mean and variance of every measured tensor, as float64 moments of
     that tensor (exposed from the same model, over every batch) give them."""
-    from onnxobq import bn
+    from onnxobq.bn import graph as bn_graph, passes
     model, _, _ = data
     layers = rtn_layers(model)
     calib = dataclasses.replace(data[2], batch_size=8)
     cfg = BNConfig(mode=mode)
     graph = gs.import_onnx(model)
-    bns = bn.find_bn_nodes(graph, layers, {})
+    bns = bn_graph.find_bn_nodes(graph, layers, {})
     targets = {"y": np.dtype(np.float32)}
     names = {"y": 1} | ({b.input: 1 for b in bns} if mode == "match" else {})
-    ref = bn.float_reference(model, names, calib, "cpu")
+    ref = passes.float_reference(model, names, calib, builders.cpu())
     q_model = build_model(model, layers, "fake", 13, True)
-    stats_model, captures, feeds = bn.train_mode_model(q_model, bns, targets, mode, 13)
-    got = bn.train_mode_moments(stats_model, captures, feeds, ref, calib, "cpu")
+    stats_model, captures, feeds = bn_graph.train_mode_model(q_model, bns, targets, mode, 13)
+    got = passes.train_mode_moments(stats_model, captures, feeds, ref, calib, builders.cpu())
     assert set(got) == {"y", "c1", "c2"}
     raw = {name: (name if tag.startswith("_obq_bn") else "_obq_raw" + tag[len("_obq_fix"):])
            for name, (tag, _) in captures.items()}
@@ -149,21 +150,20 @@ def test_train_mode_statistics_over_several_batches_are_float64_moments_of_its_t
         np.testing.assert_allclose(got[name].var(), a.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-7)
 
 
-def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data, monkeypatch):
-    from onnxobq import bn
+def test_float_outputs_recomputed_past_the_cache_give_the_same_errors(data):
     model, _, calib = data
     layers = rtn_layers(model)
     cached = reestimate(model, layers, BNConfig(), calib, opset=13, symmetric=True)
-    monkeypatch.setattr(bn, "OUTPUT_CACHE_BYTES", 0)
-    again = reestimate(model, layers, BNConfig(), calib, opset=13, symmetric=True)
+    again = reestimate(model, layers, BNConfig(), calib, opset=13, symmetric=True,
+                       device=builders.cpu(output_cache_bytes=0))
     assert again.error_before == pytest.approx(cached.error_before, rel=1e-6)  # sessions with other outputs fuse differently
     assert again.error_after == pytest.approx(cached.error_after, rel=1e-6)  # sessions with other outputs fuse differently
 
 
 def test_passes_side_by_side_give_what_one_session_gives(data, tmp_path, monkeypatch):
-    """A batch-1 model runs its BN passes on two sessions (capture.session_workers): the same
+    """A batch-1 model runs its BN passes on two sessions (runtime.session_workers): the same
     statistics and errors as on one, the batches folded in the same order."""
-    from onnxobq import capture
+    from onnxobq import runtime
     model, x, _ = data
     one = onnx.ModelProto()
     one.CopyFrom(model)
@@ -171,13 +171,12 @@ def test_passes_side_by_side_give_what_one_session_gives(data, tmp_path, monkeyp
     calib = CalibConfig(source=str(tmp_path / "calib.npz"))
     layers = rtn_layers(one)
     made = []
-    real = capture.session
-    monkeypatch.setattr(capture, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
-    monkeypatch.setattr(capture, "usable_cores", lambda: 2)
-    side = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
+    real = runtime.session
+    monkeypatch.setattr(runtime, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
+    side = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True, device=builders.cpu(cores=2))
     assert made == [1] * 8          # float pass, 2 error passes and the train-mode pass, 2 sessions each
-    monkeypatch.setattr(capture, "session_workers", lambda device, batch, size=0: (1, None))
-    alone = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True)
+    monkeypatch.setattr(runtime, "session_workers", lambda device, batch, size=0: (1, None))
+    alone = reestimate(one, layers, BNConfig(), calib, opset=13, symmetric=True, device=builders.cpu(cores=2))
     assert side.samples == alone.samples == N and side.kept
     assert side.error_before == pytest.approx(alone.error_before, rel=1e-6)
     assert side.error_after == pytest.approx(alone.error_after, rel=1e-6)
@@ -188,14 +187,15 @@ def test_passes_side_by_side_give_what_one_session_gives(data, tmp_path, monkeyp
 
 def test_replayed_batches_give_the_model_that_reading_every_pass_gives(capsys, data, tmp_path, monkeypatch):
     """The pipeline reads the calibration data once for the capture and BN's four passes;
-    with nothing kept (REPLAY_BYTES = 0) every pass reads it again, to the same model."""
-    from onnxobq import calibration
+    with nothing kept (Tuning.replay_bytes = 0) every pass reads it again, to the same model."""
+    from onnxobq import pipeline
+    from onnxobq.backend import Tuning
     model, _, _ = data
     onnx.save(model, tmp_path / "bn.onnx")
     reads = builders.counted_reads(monkeypatch)
     runs = {}
-    for limit in [calibration.REPLAY_BYTES, 0]:
-        monkeypatch.setattr(calibration, "REPLAY_BYTES", limit)
+    for limit in [Tuning.replay_bytes, 0]:
+        monkeypatch.setattr(pipeline, "choose_device", lambda *a, limit=limit: builders.cpu(replay_bytes=limit))
         reads.clear()
         code = main(["quantize", str(tmp_path / "bn.onnx"), "--bits", "3", "--calib", str(tmp_path / "calib.npz"),
                      "--batch-size", "8", "-o", str(tmp_path / f"q{limit}.onnx"), "-q"])
@@ -278,18 +278,17 @@ def test_a_bad_bn_samples_is_one_line_and_status_2(capsys, data, tmp_path, bad):
 
 def calibration_batches(calib, model):
     from onnxobq.calibration import batches
-    from onnxobq.capture import model_inputs
+    from onnxobq.runtime import model_inputs
     return batches(calib, model_inputs(model))
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 70, 90), (2, 4), (1, 3, 7)])
-def test_moments_of_an_array_match_float64_sums(shape, monkeypatch):
+def test_moments_of_an_array_match_float64_sums(shape):
     """Per-channel means and variances, the deviations summed in float32 runs (of 1,000 here, so
     that a 70 x 90 map takes seven), agree with float64 moments over every value but the channel's."""
-    from onnxobq import bn
-    monkeypatch.setattr(bn, "SQUARES_RUN", 1000)
+    from onnxobq.bn.stats import Moments
     a = (np.random.default_rng(16).standard_normal(shape) * 3 + 5).astype(np.float32)
-    m = bn.Moments.of(a)
+    m = Moments.of(a, squares_run=1000)
     a64 = a.astype(np.float64).swapaxes(0, 1).reshape(shape[1], -1)
     assert m.count == a64.shape[1]
     np.testing.assert_allclose(m.mean(), a64.mean(axis=1), rtol=1e-6)
@@ -300,25 +299,25 @@ def test_batches_of_float32_statistics_combine_without_cancelling():
     """Moments added batch by batch from each batch's float32 mean and variance (what the
     normalisation subgraphs give) keep the variance of a channel whose mean is 10^5 times its
     std, where sum((var + mean^2) * n) - N * mean^2 would leave nothing of it."""
-    from onnxobq import bn
+    from onnxobq.bn.stats import Moments
     rng = np.random.default_rng(3)
     x = rng.standard_normal((12, 2, 500)) * np.array([1.0, 0.1])[None, :, None] + np.array([0.0, 1e4])[None, :, None]
     x[6:] += np.array([0.5, 0.05])[None, :, None]            # later batches drift: a between-batch part
-    total = bn.Moments()
+    total = Moments()
     for b in range(0, 12, 3):
         batch = x[b:b + 3]
         mean, var = batch.mean(axis=(0, 2)).astype(np.float32), batch.var(axis=(0, 2)).astype(np.float32)
-        total.add(bn.Moments.of_batch(mean, var, batch.shape[0] * batch.shape[2]))
+        total.add(Moments.of_batch(mean, var, batch.shape[0] * batch.shape[2]))
     assert total.count == 12 * 500
     np.testing.assert_allclose(total.mean(), x.mean(axis=(0, 2)), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(total.var(), x.var(axis=(0, 2)), rtol=1e-3)   # float32 means: 1e-4 off
     x32 = x.astype(np.float32)
-    whole = bn.Moments.of(x32[:5])                     # and the moments of arrays, in two passes
-    whole.add(bn.Moments.of(x32[5:]))
+    whole = Moments.of(x32[:5])                     # and the moments of arrays, in two passes
+    whole.add(Moments.of(x32[5:]))
     np.testing.assert_allclose(whole.var(), x32.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
 
 
-def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path):
+def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path, flags):
     model, x, _ = data
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -358,15 +357,15 @@ def test_a_conv_whose_outputs_overflow_is_not_corrected_and_says_why(tmp_path):
 
 @pytest.mark.parametrize("group_size", [0, 4])
 def test_a_fold_scales_each_output_channel_of_a_grouped_layer(data, group_size):
-    from onnxobq.bn import _fold
+    from onnxobq.bn.stats import fold_affine
     model, _, _ = data
     scan = scan_layers(gs.import_onnx(model))
     cfg = QuantizeConfig(model="", output="", solve=SolveConfig(
         method="rtn", grid=GridSpec(bits=3, narrow=True, group_size=group_size)))
-    q = solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0][0]
+    q = solve_all(scan, Captured({}, {}, 0), cfg, builders.cpu(), Progress())[0][0]
     O = q.codes.shape[0]
     a = np.linspace(-2.0, 1.5, O)                      # negative factors flip codes and zero-points
-    folded = _fold(q, np.zeros(O), a, np.arange(O, dtype=float))
+    folded = fold_affine(q, np.zeros(O), a, np.arange(O, dtype=float))
     assert folded.scale.shape == q.scale.shape == ((O, -(-q.layer.cols // group_size)) if group_size else (O,))
     np.testing.assert_allclose(folded.weight(), q.weight() * a.reshape(q.channel_shape()), rtol=1e-6)
     np.testing.assert_array_equal(folded.bias, np.arange(O))

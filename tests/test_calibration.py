@@ -7,10 +7,12 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from onnxobq import pipeline
-from onnxobq.calibration import (CalibConfig, ImageOptions, InputSpec, Replay, batch_size_for, batches, planned_samples,
-                                 spread)
-from onnxobq.capture import model_inputs
+from onnxobq import agreement
+from onnxobq.agreement import Comparison
+from onnxobq.calibration import (CalibConfig, ImageOptions, Replay, batch_size_for, batches, describe,
+                                 planned_samples, spread)
+from onnxobq.types import InputSpec
+from onnxobq.runtime import model_inputs
 from onnxobq.cli import main
 from onnxobq.config import IMAGE_PRESETS
 from onnxobq.errors import UserError
@@ -171,7 +173,7 @@ def test_grayscale_model(tmp_path, shape):
     np.testing.assert_array_equal(x[2].reshape(2, 3), np.full((2, 3), (76 - 5) / 5, np.float32))
 
 
-def test_grayscale_with_a_width_of_three_is_not_normalised_across_the_width(tmp_path):
+def test_grayscale_with_a_width_of_three_is_not_normalised_across_the_width(tmp_path, flags):
     """Was: a 3-value mean broadcast over the width axis of a (H, 3) grey image."""
     save(tmp_path, "a.png", np.full((2, 3), 100, np.uint8))
     with pytest.raises(UserError, match=r"--mean 1,2,3: 3 values, but input 'x' has 1 channel; give 1 value"):
@@ -189,7 +191,7 @@ def test_images_in_name_order_and_a_single_file(tmp_path):
     assert one(tmp_path / "b.png", [None, 3, 2, 2], scale=1.0)[0, 0, 0, 0] == 10
 
 
-def test_size_for_a_dynamic_image_input(tmp_path):
+def test_size_for_a_dynamic_image_input(tmp_path, flags):
     save(tmp_path, "a.png", solid(3, 5, (1, 2, 3)))
     x = one(tmp_path, [None, 3, None, None], size=(4, 6), scale=1.0)
     assert x.shape == (1, 3, 4, 6) and (x[0, 2] == 3).all()
@@ -384,27 +386,27 @@ def test_spread_of_a_replay_past_its_limit_reads_and_keeps_the_picked_samples(tm
 
 
 def test_spread_of_an_array_source_reads_no_further_than_its_last_pick(tmp_path, monkeypatch):
-    from onnxobq import calibration
+    from onnxobq.calibration import batching
     for i in range(6):                                   # one file per sample, read in name order
         np.save(tmp_path / f"{i}.npy", np.full((1, 3), i, np.float32))
-    read, chunks = [], calibration.SOURCES["arrays"]
+    read, chunks = [], batching.SOURCES["arrays"].chunks
 
     def counting(cfg, inputs):
         for chunk in chunks(cfg, inputs):
             read.append(int(chunk["x"][0, 0]))
             yield chunk
-    monkeypatch.setitem(calibration.SOURCES, "arrays", counting)
+    monkeypatch.setattr(batching.SOURCES["arrays"], "chunks", counting)
     cfg, inputs = CalibConfig(source=str(tmp_path), batch_size=8), [spec([None, 3])]
     assert firsts(batches(spread(cfg, 2, inputs), inputs)) == [[0, 3]]     # i * 6 // 2
     assert read == [0, 1, 2, 3]
 
 
 def test_spread_decodes_only_the_picked_images(tmp_path, monkeypatch):
-    from onnxobq import calibration
+    from onnxobq.calibration import images
     for i in range(7):
         save(tmp_path, f"{i}.png", np.full((2, 2, 3), 10 * i, np.uint8))
-    decoded, decode = [], calibration.preprocess_image
-    monkeypatch.setattr(calibration, "preprocess_image", lambda path, *a: decoded.append(path) or decode(path, *a))
+    decoded, decode = [], images.preprocess_image
+    monkeypatch.setattr(images, "preprocess_image", lambda path, *a: decoded.append(path) or decode(path, *a))
     cfg, inputs = CalibConfig(source=str(tmp_path), batch_size=8, image=ImageOptions(scale=1.0)), [spec([None, 3, 2, 2])]
     (got,) = batches(spread(cfg, 3, inputs), inputs)
     assert got["x"][:, 0, 0, 0].tolist() == [0.0, 20.0, 40.0]         # files 0, 2, 4 of 7 (i * 7 // 3)
@@ -482,12 +484,12 @@ def fed(tmp_path, monkeypatch, capsys):
     """Run ``onnxobq compare MODEL MODEL --calib IMAGES *options`` and return the batches it would feed."""
     seen = {}
 
-    def fake_compare(float_path, quant_path, calib, device, progress):
+    def fake_compare(float_path, quant_path, calib, device, on_batch):
         seen["calib"] = calib
         seen["batches"] = list(batches(calib, model_inputs(load_model(float_path))))
-        return []
+        return Comparison([], 0, describe(calib))
 
-    monkeypatch.setattr(pipeline, "compare", fake_compare)
+    monkeypatch.setattr(agreement, "compare_models", fake_compare)
 
     def run(model, images, *options):
         code = main(["compare", str(model), str(model), "--calib", str(images), *map(str, options), "--json"])

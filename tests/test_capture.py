@@ -1,16 +1,22 @@
 import itertools
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxobq import capture
+from onnxobq import capturing, runtime
+from onnxobq.backend import Tuning, choose_device
 from onnxobq.calibration import CalibConfig
-from onnxobq.capture import HessianSum, Products, capture_hessians, conv_pads, layer_columns
+from onnxobq.capturing import capture_hessians
 from onnxobq.graph import scan_layers
-from onnxobq.graph.layers import ConvGeometry, Layer
+from onnxobq.hessian import HessianSum, Products, conv_outputs, conv_pads, gather_columns, layer_columns, shifts_pay
+from onnxobq.hessian import sums as accumulate_module
+from onnxobq.hessian.sums import add_shifted, groups_at_once
+from onnxobq.hessian.shifted import ring_bounds
+from onnxobq.types import ConvGeometry, Layer
 
 import builders
 
@@ -108,7 +114,7 @@ def test_capture_normalises_and_batches_like_one_big_sum(tmp_path):
     expect = brute_force_conv_hessian(x, first)
     count = 7 * 12 * 12
     for bs in (1, 3, 7):
-        got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=bs), np)
+        got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=bs), builders.cpu())
         H = got.hessians
         assert got.samples == 7 and got.rows[first.hessian_key] == count
         np.testing.assert_allclose(H[first.hessian_key], 2 * expect / count, rtol=1e-4, atol=1e-5)
@@ -126,7 +132,7 @@ def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
     assert head.uses == (("head_p4", "p4", "y4"),) and head.source == "initializer, shared by 2 nodes"
     x = np.random.default_rng(4).standard_normal((3, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    got = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), np)
+    got = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), builders.cpu())
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend([builders.fvi("p3", None), builders.fvi("p4", None)])
@@ -142,14 +148,13 @@ def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
 def test_an_input_read_the_same_way_by_a_shared_and_another_layer_is_multiplied_once(tmp_path, monkeypatch):
     """p3 is read with the 3 x 3 geometry by the shared head's first use and by the other conv:
     one product per batch for both; the stem's, the down conv's and the head's p4 read make 4."""
-    from onnxobq import capture
     model = builders.shared_head()
     layers = scan_layers(gs.import_onnx(model)).layers
     x = np.random.default_rng(5).standard_normal((4, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    read, accumulate = [], capture.accumulate
-    monkeypatch.setattr(capture, "accumulate", lambda use, a, *rest: (read.append(use.name), accumulate(use, a, *rest)))
-    capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+    read, accumulate = [], capturing.accumulate
+    monkeypatch.setattr(capturing, "accumulate", lambda use, a, *rest: (read.append(use.name), accumulate(use, a, *rest)))
+    capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), builders.cpu())
     assert sorted(read) == sorted(["stem", "down", "head_p3", "head_p4"] * 2)
 
 
@@ -161,7 +166,7 @@ def test_capture_of_an_inner_layer_matches_its_activations(tmp_path):
     fc = next(l for l in layers if l.op == "Gemm")
     x = np.random.default_rng(3).standard_normal((5, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    H = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz")), np).hessians
+    H = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz")), builders.cpu()).hessians
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.append(builders.fvi("f", None))
@@ -176,8 +181,8 @@ def test_pipelined_capture_gives_the_plain_hessians(tmp_path):
     x = np.random.default_rng(5).standard_normal((9, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
-    plain = capture_hessians(model, layers, calib, np, pipeline_depth=0)
-    piped = capture_hessians(model, layers, calib, np, pipeline_depth=2)
+    plain = capture_hessians(model, layers, calib, replace(builders.cpu(), pipeline_depth=0))
+    piped = capture_hessians(model, layers, calib, replace(builders.cpu(), pipeline_depth=2))
     assert plain.rows == piped.rows and plain.samples == piped.samples == 9
     for key, H in plain.hessians.items():
         np.testing.assert_array_equal(piped.hessians[key], H)
@@ -192,15 +197,14 @@ def test_grouped_convs_unfolded_a_few_groups_at_a_time_give_the_same_hessians(tm
     x = np.random.default_rng(11).standard_normal((5, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
-    monkeypatch.setattr(capture, "GROUP_CHUNK_ELEMENTS", 1 << 40)
-    whole = capture_hessians(model, layers, calib, np)
+    whole = capture_hessians(model, layers, calib, builders.cpu(group_chunk_elements=1 << 40))
     grouped = [l for l in layers if l.groups > 1]
     assert sorted(l.groups for l in grouped) == [2, 8]
     dw = next(l for l in grouped if l.groups == 8)
     for elements in (1, 3 * 9 * 2 * 144):          # one group at a time; depthwise 3, 3, 2 (and 6, 2)
-        monkeypatch.setattr(capture, "GROUP_CHUNK_ELEMENTS", elements)
-        assert capture.groups_at_once(dw, np.zeros((2, 8, 12, 12), np.float32), np) == (1 if elements == 1 else 3)
-        parts = capture_hessians(model, layers, calib, np)
+        device = builders.cpu(group_chunk_elements=elements)
+        assert groups_at_once(dw, np.zeros((2, 8, 12, 12), np.float32), device) == (1 if elements == 1 else 3)
+        parts = capture_hessians(model, layers, calib, device)
         assert parts.rows == whole.rows
         for key, H in whole.hessians.items():
             np.testing.assert_allclose(parts.hessians[key], H, rtol=1e-6, atol=1e-7)
@@ -209,26 +213,24 @@ def test_grouped_convs_unfolded_a_few_groups_at_a_time_give_the_same_hessians(tm
 def test_capture_counts_the_time_it_waits_for_the_forward_passes(tmp_path, monkeypatch):
     """With onnxruntime made slow (0.1 s a batch), the accumulation waits at least the whole first
     forward pass (nothing runs before it), and never longer than the capture took."""
-    import onnxobq.capture as capture
-
     model = builders.conv_stack()
     layers = scan_layers(gs.import_onnx(model)).layers
     np.savez(tmp_path / "c.npz", x=np.ones((10, 3, 12, 12), np.float32))
-    real_run = capture.run
+    real_run = capturing.run
 
     def slow_run(*args):
         time.sleep(0.1)
         return real_run(*args)
 
-    monkeypatch.setattr(capture, "run", slow_run)
+    monkeypatch.setattr(capturing, "run", slow_run)
     start = time.perf_counter()
-    got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+    got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), builders.cpu())
     total = time.perf_counter() - start
     assert 0.1 <= got.waited <= total
 
 
 def test_prefetch_runs_at_most_depth_ahead_and_reraises():
-    from onnxobq.capture import prefetch
+    from onnxobq.capturing import prefetch
 
     made = []
 
@@ -252,7 +254,7 @@ def test_prefetch_runs_at_most_depth_ahead_and_reraises():
 
 def test_side_by_side_keeps_the_order_runs_groups_on_distinct_states_and_reraises():
     import threading
-    from onnxobq.capture import side_by_side
+    from onnxobq.runtime import side_by_side
 
     read, log = [], []
 
@@ -287,14 +289,13 @@ def test_side_by_side_keeps_the_order_runs_groups_on_distinct_states_and_reraise
     assert not [t for t in threading.enumerate() if t.name.startswith("onnxobq-run")]
 
 
-def test_two_sessions_run_batches_of_one_sample_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(capture, "usable_cores", lambda: 16)
-    assert capture.session_workers("cpu", 1) == (2, 8)
-    assert capture.session_workers("cpu", 8) == (1, None)
-    assert capture.session_workers("cpu", 1, capture.SIDE_MODEL_BYTES) == (2, 8)
-    assert capture.session_workers("cpu", 1, capture.SIDE_MODEL_BYTES + 1) == (1, None)
-    monkeypatch.setattr(capture, "usable_cores", lambda: 1)
-    assert capture.session_workers("cpu", 1) == (1, None)
+def test_two_sessions_run_batches_of_one_sample_on_the_cpu():
+    sixteen = builders.cpu(cores=16)
+    assert runtime.session_workers(sixteen, 1) == (2, 8)
+    assert runtime.session_workers(sixteen, 8) == (1, None)
+    assert runtime.session_workers(sixteen, 1, Tuning.side_model_bytes) == (2, 8)
+    assert runtime.session_workers(sixteen, 1, Tuning.side_model_bytes + 1) == (1, None)
+    assert runtime.session_workers(builders.cpu(cores=1), 1) == (1, None)
 
 
 def test_hessian_sum_over_batches_equals_the_full_product():
@@ -335,13 +336,10 @@ def test_a_batch_that_cannot_share_a_gather_is_multiplied_at_once_not_copied():
     np.testing.assert_allclose(acc.sum[0], P[0].astype(np.float64) @ P[0].T.astype(np.float64), rtol=1e-5)
 
 
-def test_gather_columns_is_twice_the_features_within_the_held_memory_cap(monkeypatch):
-    import onnxobq.capture as capture
-
+def test_gather_columns_is_twice_the_features_within_the_held_memory_cap():
     layer = conv_layer(wshape=(8, 16, 3, 3))                          # C = 144
-    assert capture.gather_columns(layer, np) == 288
-    monkeypatch.setattr(capture, "GATHER_ELEMENTS", 144 * 100)
-    assert capture.gather_columns(layer, np) == 100
+    assert gather_columns(layer, builders.cpu()) == 288
+    assert gather_columns(layer, builders.cpu(gather_elements=144 * 100)) == 100
 
 
 def test_products_reuse_one_buffer_across_shapes():
@@ -361,17 +359,14 @@ def test_products_reuse_one_buffer_across_shapes():
 
 def test_on_numpy_the_capture_takes_turns_with_onnxruntime_and_its_threads_do_not_spin(tmp_path, monkeypatch):
     """NumPy's BLAS and onnxruntime share the cores: no batch runs ahead, no thread spins."""
-    import onnxobq.capture as capture
-
     depths, spins = [], []
-    real_prefetch, real_options = capture.prefetch, capture.session_options
-    monkeypatch.setattr(capture, "prefetch", lambda items, depth=1: depths.append(depth) or real_prefetch(items, depth))
-    monkeypatch.setattr(capture, "session_options",
-                        lambda spin=True: spins.append(spin) or real_options(spin))
+    real_prefetch, real_options = capturing.prefetch, runtime.session_options
+    monkeypatch.setattr(capturing, "prefetch", lambda items, depth=1: depths.append(depth) or real_prefetch(items, depth))
+    monkeypatch.setattr(runtime, "session_options", lambda spin=True: spins.append(spin) or real_options(spin))
     model = builders.conv_stack()
     np.savez(tmp_path / "c.npz", x=np.ones((4, 3, 12, 12), np.float32))
     capture_hessians(model, scan_layers(gs.import_onnx(model)).layers,
-                     CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), np)
+                     CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2), builders.cpu())
     assert depths == [0] and spins == [False]
     opts = real_options(spin=False)
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -390,32 +385,30 @@ SHIFTED = [
 
 @pytest.mark.parametrize("left", [True, False], ids=["stack-left", "stack-right"])
 @pytest.mark.parametrize("case", SHIFTED, ids=lambda c: "x".join(map(str, c["wshape"])) + "-" + str(c.get("auto_pad", c.get("pads"))))
-def test_shifted_products_give_the_brute_force_hessian(case, left, monkeypatch):
+def test_shifted_products_give_the_brute_force_hessian(case, left):
     """A stride-1 conv's sum built from shifted products equals the sum over every patch, and
     counts every output position, with the stack of shifted copies multiplied on either side."""
-    monkeypatch.setattr(capture, "STACK_LEFT_CHANNELS", 1 << 30 if left else 0)
     case = dict(case)
     x = np.random.default_rng(12).standard_normal(case.pop("xshape")).astype(np.float32)
     layer = conv_layer(**case)
     acc, product = HessianSum(), Products(np)
-    capture._add_shifted(layer, x, acc, product)
-    assert acc.count == x.shape[0] * np.prod(capture.conv_outputs(layer.conv, x.shape[2:]))
+    add_shifted(layer, x, acc, product, 1 << 30 if left else 0)
+    assert acc.count == x.shape[0] * np.prod(conv_outputs(layer.conv, x.shape[2:]))
     H = acc.hessian(np, product)
     np.testing.assert_allclose(H, 2 * brute_force_conv_hessian(x, layer) / acc.count, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("ring_elements", [60, 400, 1 << 20])
-def test_ring_patches_held_back_or_not_give_the_brute_force_hessian(monkeypatch, ring_elements):
+def test_ring_patches_held_back_or_not_give_the_brute_force_hessian(ring_elements):
     """Batches of a stride-1 conv whose ring patches (four strips of 15 patch rows, with 7, 7,
     6 and 6 patches an image) are subtracted at once (the strips hold 4 columns), held in 26
     columns or held in 30 all give the brute-force Hessian, in the known products."""
-    monkeypatch.setattr(capture, "RING_ELEMENTS", ring_elements)
     r = np.random.default_rng(15)
     layer = conv_layer(wshape=(4, 5, 3, 3), pads=[1, 1, 1, 1])
     batches = [r.standard_normal((1, 5, 6, 5)).astype(np.float32) for _ in range(7)]
-    acc, product = HessianSum(), Counting(np)
+    acc, product = HessianSum(ring_elements=ring_elements), Counting(np)
     for x in batches:
-        capture._add_shifted(layer, x, acc, product)
+        add_shifted(layer, x, acc, product)
     H = acc.hessian(np, product)
     assert sorted(product.calls) == sorted({60: [7] * 14 + [6] * 14,
                                             400: [21, 21, 7] * 2 + [24, 18] * 2,
@@ -434,7 +427,7 @@ def test_shifted_and_unfolded_batches_add_into_one_sum(shifted_first):
     acc, product = HessianSum(gather=60), Products(np)                 # 30 columns a sample: held
     for i, x in enumerate(batches):
         if (i % 2 == 0) == shifted_first:
-            capture._add_shifted(layer, x, acc, product)
+            add_shifted(layer, x, acc, product)
         else:
             acc.add(layer_columns(layer, x, np), np, product)
     H = acc.hessian(np, product)
@@ -448,18 +441,18 @@ def test_shifts_pay_only_for_wide_stride_1_2d_convs_with_one_group():
     columns held in gathers of 1,728: at 52 x 52 yes (cost ratio 0.33), at 13 x 13 yes (0.57),
     at 10 x 10 no (0.74); at 7 x 7 no (1.16), but yes where im2col's 49 columns would be
     multiplied alone (0.36); strided, grouped, pointwise or 1-D never."""
-    wide = np.zeros((1, 96, 52, 52), np.float32)
+    wide, cpu = np.zeros((1, 96, 52, 52), np.float32), builders.cpu()
     conv = conv_layer((96, 96, 3, 3), pads=[1, 1, 1, 1])
-    assert capture.shifts_pay(conv, wide, np, gather=1728)
-    assert capture.shifts_pay(conv, wide[:, :, :13, :13], np, gather=1728)
-    assert not capture.shifts_pay(conv, wide[:, :, :10, :10], np, gather=1728)
-    assert not capture.shifts_pay(conv, wide[:, :, :7, :7], np, gather=1728)
-    assert capture.shifts_pay(conv, wide[:, :, :7, :7], np)
-    assert not capture.shifts_pay(conv_layer((96, 96, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]), wide, np)
-    assert not capture.shifts_pay(conv_layer((96, 48, 3, 3), groups=2, pads=[1, 1, 1, 1]), wide, np)
-    assert not capture.shifts_pay(conv_layer((96, 96, 1, 1)), wide, np)
-    assert not capture.shifts_pay(conv_layer((96, 96, 3), pads=[1, 1]), wide[:, :, 0], np)
-    assert capture.ring_bounds(conv.conv, (52, 52)) == [(0, 1, 53, 54)] * 2
+    assert shifts_pay(conv, wide, cpu, gather=1728)
+    assert shifts_pay(conv, wide[:, :, :13, :13], cpu, gather=1728)
+    assert not shifts_pay(conv, wide[:, :, :10, :10], cpu, gather=1728)
+    assert not shifts_pay(conv, wide[:, :, :7, :7], cpu, gather=1728)
+    assert shifts_pay(conv, wide[:, :, :7, :7], builders.cpu())
+    assert not shifts_pay(conv_layer((96, 96, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]), wide, builders.cpu())
+    assert not shifts_pay(conv_layer((96, 48, 3, 3), groups=2, pads=[1, 1, 1, 1]), wide, builders.cpu())
+    assert not shifts_pay(conv_layer((96, 96, 1, 1)), wide, builders.cpu())
+    assert not shifts_pay(conv_layer((96, 96, 3), pads=[1, 1]), wide[:, :, 0], builders.cpu())
+    assert ring_bounds(conv.conv, (52, 52)) == [(0, 1, 53, 54)] * 2
 
 
 def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, monkeypatch):
@@ -470,13 +463,11 @@ def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, 
     x = np.random.default_rng(14).standard_normal((5, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
-    monkeypatch.setattr(capture, "SHIFT_COST", 0.0)
-    unfolded = capture_hessians(model, layers, calib, np)
+    unfolded = capture_hessians(model, layers, calib, builders.cpu(shift_cost=0.0))
     used = []
-    real = capture._add_shifted
-    monkeypatch.setattr(capture, "_add_shifted", lambda layer, *a: used.append(layer.name) or real(layer, *a))
-    monkeypatch.setattr(capture, "SHIFT_COST", 1e9)
-    shifted = capture_hessians(model, layers, calib, np)
+    real = accumulate_module.add_shifted
+    monkeypatch.setattr(accumulate_module, "add_shifted", lambda layer, *a: used.append(layer.name) or real(layer, *a))
+    shifted = capture_hessians(model, layers, calib, builders.cpu(shift_cost=1e9))
     assert used and layers[0].name in used
     assert shifted.rows == unfolded.rows
     for key, H in unfolded.hessians.items():
@@ -488,9 +479,9 @@ def test_capture_through_shifted_products_gives_the_unfolded_hessians(tmp_path, 
 
 def test_a_feed_that_onnxruntime_rejects_is_one_line_naming_the_input():
     from onnxobq.errors import UserError
-    sess = capture.session(builders.conv_stack(), {})
+    sess = runtime.session(builders.conv_stack(), {})
     with pytest.raises(UserError) as err:
-        capture.run(sess, ["y"], {"x": np.zeros((4, 3, 8, 8), np.float32)})
+        runtime.run(sess, ["y"], {"x": np.zeros((4, 3, 8, 8), np.float32)})
     assert str(err.value) == ("onnxruntime rejected the calibration batch (input 'x' is [?, 3, 12, 12], the batch "
                               "has shape [4, 3, 8, 8]); check the calibration data's shapes and dtypes against "
                               "the model inputs")
@@ -507,18 +498,16 @@ def test_products_on_several_threads_give_the_one_thread_hessians(tmp_path, monk
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(21).standard_normal((5, 3, 12, 12)).astype(np.float32))
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=2)
     before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    monkeypatch.setattr(capture, "cpu_workers", lambda xp: 1)
-    alone = capture_hessians(model, layers, calib, np)
-    seen, real = [], capture.accumulate
+    alone = capture_hessians(model, layers, calib, replace(builders.cpu(), workers=1))
+    seen, real = [], capturing.accumulate
 
     def spy(layer, *a, **k):
         blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
         seen.append((layer.name, threading.current_thread().name, blas))
         return real(layer, *a, **k)
 
-    monkeypatch.setattr(capture, "accumulate", spy)
-    monkeypatch.setattr(capture, "cpu_workers", lambda xp: workers)
-    spread = capture_hessians(model, layers, calib, np)
+    monkeypatch.setattr(capturing, "accumulate", spy)
+    spread = capture_hessians(model, layers, calib, replace(builders.cpu(), workers=workers))
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
     assert len(seen) == 3 * len(alone.hessians)                   # three batches, every sum
     if workers > 1:
@@ -559,10 +548,10 @@ def test_layer_workers_run_the_costliest_first_and_stop_at_an_error():
 
 
 def test_cpu_workers_are_one_per_core_up_to_the_cap_and_one_on_a_gpu(monkeypatch):
-    from onnxobq import threads
-    gpu = object()                 # stands for the cupy module
-    for cores, want in [(1, 1), (2, 2), (3, 3), (16, threads.MAX_CPU_WORKERS)]:
-        monkeypatch.setattr(threads, "usable_cores", lambda cores=cores: cores)
-        assert threads.cpu_workers(np) == want
-    monkeypatch.setattr(threads, "is_cupy", lambda xp: xp is gpu)
-    assert threads.cpu_workers(gpu) == 1
+    from onnxobq import backend
+    gpu = type("cupy", (), {"__name__": "cupy"})()      # stands for the cupy module
+    for cores, want in [(1, 1), (2, 2), (3, 3), (16, Tuning.max_cpu_workers)]:
+        assert choose_device("cpu", cores=cores).workers == want
+    monkeypatch.setattr(backend, "cupy_or_none", lambda: gpu)
+    monkeypatch.setattr(backend, "device_name", lambda xp: "cuda:test")
+    assert choose_device("cuda", cores=16).workers == 1

@@ -21,7 +21,7 @@ def cli(capsys, *args):
 
 
 def outputs(path, x):
-    from onnxobq.capture import session_options
+    from onnxobq.runtime import session_options
     return ort.InferenceSession(str(path), session_options()).run(None, {"x": x})
 
 
@@ -53,9 +53,10 @@ def test_fake_and_qdq_outputs_agree(capsys, stack, method):
     np.testing.assert_allclose(fake[0], qdq[0], rtol=1e-5, atol=1e-5)
     q = onnx.load(tmp / "qdq.onnx")
     assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 4
-    for t in dq_initializers(q):
-        codes = onnx.numpy_helper.to_array(t)
-        assert codes.dtype == np.int8 and codes.min() >= -8 and codes.max() <= 7
+    for t in dq_initializers(q):          # 4-bit codes in INT4 by default (weight-only QDQ: opset 21)
+        codes = onnx.numpy_helper.to_array(t).astype(np.int8)
+        assert t.data_type == onnx.TensorProto.INT4 and codes.min() >= -8 and codes.max() <= 7
+    assert [o.version for o in q.opset_import if o.domain == ""] == [21]
     assert not any(n.op_type == "Constant" and n.output[0].startswith("w") for n in q.graph.node)
 
 
@@ -81,7 +82,7 @@ def test_group_size_writes_int4_blocks_and_its_name(capsys, stack, method):
     code, out, err = cli(capsys, "quantize", model, "--bits", 4, "--method", method, "--calib", calib,
                          "--group-size", 4, "--no-bn-reestimate", "--report", report)
     assert code == 0, err
-    written = model.parent / "stack.w4g4.qdq.onnx"
+    written = model.parent / f"stack.w4g4.{method}.qdq.onnx"
     assert (f"wrote {written} (INT4 weights holding 4-bit codes, one scale per 4 inputs in 3 layers, one scale "
             "per channel in 1 layer)") in out
     q = onnx.load(written)
@@ -365,7 +366,7 @@ def test_a_head_shared_by_two_levels_is_one_layer_on_both_levels_hessians(capsys
     test_capture), written once and fed to both uses; the BN after one use is not folded."""
     import onnx_graphsurgeon as gs
     from onnxobq.calibration import CalibConfig
-    from onnxobq.capture import capture_hessians
+    from onnxobq.capturing import capture_hessians
     from onnxobq.config import SolveConfig
     from onnxobq.graph import scan_layers
     from onnxobq.quant import GridSpec
@@ -385,9 +386,9 @@ def test_a_head_shared_by_two_levels_is_one_layer_on_both_levels_hessians(capsys
     assert report["bn"]["notes"][0] == "head_p3: neither corrected nor given a BN fold (its weight is shared by 2 nodes)"
     scan = scan_layers(gs.import_onnx(model))
     head = next(l for l in scan.layers if l.name == "head_p3")
-    H = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), np).hessians
+    H = capture_hessians(model, scan.layers, CalibConfig(source=str(tmp_path / "c.npz")), builders.cpu()).hessians
     expect, _ = solve_layer(head, scan.weights["head_p3"], H[head.hessian_key],
-                            SolveConfig(grid=GridSpec(bits=4)), np)
+                            SolveConfig(grid=GridSpec(bits=4)), builders.cpu())
     written = next(onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name == "wh")
     np.testing.assert_array_equal(written, expect.weight())
     code, out, err = cli(capsys, "quantize", tmp_path / "m.onnx", "--bits", 4, "--calib", tmp_path / "c.npz",
@@ -410,7 +411,7 @@ def test_exclude_and_layer_bits_match_the_other_uses_of_a_shared_weight(capsys, 
     report = json.loads((tmp_path / "r.json").read_text())
     assert [(l["name"], l["bits"]) for l in report["layers"]] == [("stem", 4), ("down", 4), ("head_p3", 8), ("other", 4)]
     assert report["notes"] == []
-    assert cli(capsys, "quantize", tmp_path / "m.onnx", "--exclude", "head_p4", *common)[0] == 0
+    assert cli(capsys, "quantize", tmp_path / "m.onnx", "--exclude", "head_p4", *common, "--overwrite")[0] == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert [l["name"] for l in report["layers"]] == ["stem", "down", "other"]
     assert report["skipped"][0]["name"] == "head_p3" and report["skipped"][0]["reason"] == "excluded by --exclude head_p4"
@@ -515,20 +516,20 @@ def test_compare_reports_agreement(capsys, stack):
 
 
 def test_compare_of_a_batch_one_model_on_two_sessions_gives_the_one_session_figures(capsys, tmp_path, monkeypatch):
-    from onnxobq import capture
+    from onnxobq import backend, runtime
     fixed = builders.conv_stack(batch=1)
     onnx.save(fixed, tmp_path / "one.onnx")
     np.savez(tmp_path / "c.npz", x=builders.rng(4).standard_normal((5, 3, 12, 12)).astype(np.float32))
     assert cli(capsys, "quantize", tmp_path / "one.onnx", "--bits", 3, "--method", "rtn",
                "-o", tmp_path / "q.onnx", "-q")[0] == 0
-    monkeypatch.setattr(capture, "usable_cores", lambda: 2)
+    monkeypatch.setattr(backend, "usable_cores", lambda: 2)
     made = []
-    real = capture.session
-    monkeypatch.setattr(capture, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
+    real = runtime.session
+    monkeypatch.setattr(runtime, "session", lambda *a, **k: made.append(k.get("threads")) or real(*a, **k))
     runs = []
     for workers in (None, (1, 1)):
         if workers:
-            monkeypatch.setattr(capture, "session_workers", lambda device, batch, size=0: workers)
+            monkeypatch.setattr(runtime, "session_workers", lambda device, batch, size=0: workers)
         code, out, err = cli(capsys, "compare", tmp_path / "one.onnx", tmp_path / "q.onnx", "--calib",
                              tmp_path / "c.npz", "--json")
         assert code == 0, err
@@ -558,14 +559,25 @@ def test_bundled_model_fastobq_beats_rtn(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("preset, expect", [(None, "20"), ("28", "28")])
-def test_importing_the_package_lets_idle_openblas_threads_sleep_unless_the_user_said_otherwise(preset, expect):
-    """Set before NumPy loads, so it must come from ``import onnxobq`` itself."""
+def test_the_command_lets_idle_openblas_threads_sleep_unless_the_user_said_otherwise(preset, expect):
+    """Set before NumPy loads, so it must come from the command's entry point (onnxobq.__main__),
+    which runs before onnxobq imports NumPy; importing onnxobq changes nothing."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     if preset:
         env["OPENBLAS_THREAD_TIMEOUT"] = preset
-    code = "import os, onnxobq, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    code = ("import os, sys, importlib.abc\n"
+            "class Watch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'numpy' and 'numpy' not in sys.modules:\n"
+            "            print('numpy loads with', os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "import onnxobq\n"
+            "print('after import', os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+            "from onnxobq.__main__ import main\n"
+            "sys.argv = ['onnxobq', '--version']\n"
+            "main()\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expect
+    assert out.stdout.splitlines()[:2] == [f"after import {preset}", f"numpy loads with {expect}"]

@@ -390,7 +390,7 @@ def test_options_for_another_source_fail_before_a_hessians_solve(capsys, work, m
     from onnxobq import pipeline
     assert main(["quantize", "m.onnx", "--calib", "good.npz", "--save-hessians", "h.npz", "-o", "a.onnx", "-q"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(pipeline, "load_hessians", lambda *a: pytest.fail("loaded the Hessians first"))
+    monkeypatch.setattr(pipeline, "from_file", lambda *a: pytest.fail("loaded the Hessians first"))
     expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", "--hessians", "h.npz", "--size", "12x12",
                                 "-o", "q.onnx"], names=["--calib good.npz", "--size apply to image folders"],
                  fix="drop --size")

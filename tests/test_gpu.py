@@ -4,9 +4,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxobq.backend import to_numpy
+from onnxobq.backend import choose_device, to_numpy
 from onnxobq.calibration import CalibConfig
-from onnxobq.capture import capture_hessians
+from onnxobq.capturing import capture_hessians
 from onnxobq.cli import main
 from onnxobq.graph import scan_layers
 from onnxobq.quant import GridSpec, fit_grid
@@ -35,7 +35,7 @@ def test_sweep_float64_matches(cp, method, order):
     spec = GridSpec(bits=3)
     ref = METHODS[method].solve(W, H, fit_grid(W, spec), order=order, block=16)
     Wg, Hg = cp.asarray(W), cp.asarray(H)
-    got = METHODS[method].solve(Wg, Hg, fit_grid(Wg, spec, cp), order=order, block=16, xp=cp)
+    got = METHODS[method].solve(Wg, Hg, fit_grid(Wg, spec, cp), order=order, block=16, xp=cp, kernel=True)
     np.testing.assert_allclose(to_numpy(got.Q), ref.Q, atol=1e-6)
     np.testing.assert_array_equal(got.fallback, ref.fallback)
 
@@ -46,7 +46,7 @@ def test_grouped_grids_match(cp, method):
     spec = GridSpec(bits=3, group_size=16)          # 70 columns: four groups of 16 and one of 6
     ref = METHODS[method].solve(W, H, fit_grid(W, spec))
     Wg, Hg = cp.asarray(W), cp.asarray(H)
-    got = METHODS[method].solve(Wg, Hg, fit_grid(Wg, spec, cp), xp=cp)
+    got = METHODS[method].solve(Wg, Hg, fit_grid(Wg, spec, cp), xp=cp, kernel=True)
     np.testing.assert_allclose(to_numpy(got.Q), ref.Q, atol=1e-6)
 
 
@@ -55,7 +55,7 @@ def test_sweep_float32_agrees_within_float_tolerance(cp):
     spec = GridSpec(bits=4, search="mse")
     ref = METHODS["fastobq"].solve(W, H, fit_grid(W, spec))
     Wg, Hg = cp.asarray(W, dtype=cp.float32), cp.asarray(H, dtype=cp.float32)
-    got = METHODS["fastobq"].solve(Wg, Hg, fit_grid(Wg, spec, cp), xp=cp)
+    got = METHODS["fastobq"].solve(Wg, Hg, fit_grid(Wg, spec, cp), xp=cp, kernel=True)
     codes = to_numpy(got.codes)
     assert np.mean(codes != ref.codes) < 0.01
     e_ref, e_got = layer_error(W, ref.Q, H, np), layer_error(W, to_numpy(got.Q).astype(np.float64), H, np)
@@ -67,7 +67,7 @@ def test_cholesky_fallback_on_gpu(cp):
     H[1] = -np.eye(H.shape[1])
     spec = GridSpec(bits=4)
     got = METHODS["fastobq"].solve(cp.asarray(W), cp.asarray(H), fit_grid(cp.asarray(W), spec, cp),
-                                   damp=Damping(0.01, relative=False, retries=1), xp=cp)
+                                   damp=Damping(0.01, relative=False, retries=1), xp=cp, kernel=True)
     assert list(got.fallback) == [False, True]
 
 
@@ -77,9 +77,9 @@ def test_capture_hessians_match(cp, tmp_path):
     x = np.random.default_rng(3).standard_normal((6, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=4)
-    ref = capture_hessians(model, layers, calib, np).hessians
-    got = capture_hessians(model, layers, calib, cp).hessians
-    got32 = capture_hessians(model, layers, calib, cp, sum_dtype="float32").hessians   # what --device cuda uses
+    ref = capture_hessians(model, layers, calib, builders.cpu()).hessians
+    got = capture_hessians(model, layers, calib, choose_device("cuda", precision="float64")).hessians
+    got32 = capture_hessians(model, layers, calib, choose_device("cuda")).hessians   # what --device cuda uses
     for key in ref:
         np.testing.assert_allclose(to_numpy(got[key]), ref[key], rtol=1e-4, atol=1e-5)
         assert got32[key].dtype == cp.float32
@@ -92,8 +92,8 @@ def test_activation_ranges_on_a_gpu_capture_match_numpy(cp, tmp_path):
     layers = scan_layers(gs.import_onnx(model)).layers
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(5).standard_normal((6, 3, 12, 12)).astype(np.float32))
     calib = CalibConfig(source=str(tmp_path / "c.npz"), batch_size=4)
-    ref = capture_hessians(model, layers, calib, np, ranges=True).ranges
-    got = capture_hessians(model, layers, calib, cp, sum_dtype="float32", ranges=True).ranges
+    ref = capture_hessians(model, layers, calib, builders.cpu(), ranges=True).ranges
+    got = capture_hessians(model, layers, calib, choose_device("cuda"), ranges=True).ranges
     assert list(got) == list(ref) == ["x", "r1", "r2", "f"]
     for name in ref:
         assert (got[name].top, got[name].amax) == (ref[name].top, ref[name].amax)
@@ -221,7 +221,7 @@ def test_uploader_copies_through_its_pinned_buffer(cp):
 
 def test_stacked_layers_on_gpu_match_each_layer_on_numpy(cp):
     from onnxobq.config import SolveConfig
-    from onnxobq.graph.layers import ConvGeometry, Layer
+    from onnxobq.types import ConvGeometry, Layer
     from onnxobq.solve import solve_layer, solve_stack
 
     layers, weights, hessians = [], [], []
@@ -232,8 +232,9 @@ def test_stacked_layers_on_gpu_match_each_layer_on_numpy(cp):
         weights.append(W.reshape(16 * G, 40, 1).astype(np.float32))
         hessians.append(H)
     cfg = SolveConfig(grid=GridSpec(bits=3), precision="float64")
-    got = solve_stack(layers, weights, [cp.asarray(H) for H in hessians], cfg, cp, [1, 1, 1])
+    got = solve_stack(layers, weights, [cp.asarray(H) for H in hessians], cfg,
+                      choose_device("cuda", precision="float64"), [1, 1, 1])
     for (q, s), layer, w, H in zip(got, layers, weights, hessians):
-        q1, s1 = solve_layer(layer, w, H, cfg, np)
+        q1, s1 = solve_layer(layer, w, H, cfg, builders.cpu())
         assert np.mean(q.codes != q1.codes) < 0.002
         assert s.error == pytest.approx(s1.error, rel=1e-3) and s.stacked == 3

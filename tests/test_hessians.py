@@ -93,7 +93,7 @@ def test_wrong_hessian_files_are_refused(capsys, stack, tmp_path):
 def test_the_calibration_description_leaves_out_the_bn_pick():
     """Files saved before CalibConfig.pick existed describe the same settings."""
     from onnxobq.calibration import CalibConfig
-    from onnxobq.hessians import calib_description
+    from onnxobq.calibration import describe as calib_description
     d = calib_description(CalibConfig(source="random", samples=4, pick=(0, 2)))
     assert "pick" not in d and d == calib_description(CalibConfig(source="random", samples=4))
 

@@ -1,6 +1,6 @@
 """The report's summary lines."""
-from onnxobq.report import RunReport, summary_lines
-from onnxobq.solve import LayerStats
+from onnxobq.report import Report, summary_lines
+from onnxobq.types import LayerStats
 
 
 def stats(name, note=""):
@@ -8,7 +8,7 @@ def stats(name, note=""):
 
 
 def notes(layers):
-    return [line for line in summary_lines(RunReport(settings={}, layers=layers, skipped=[]))
+    return [line for line in summary_lines(Report(settings={}, layers=layers, skipped=[]))
             if line.startswith("note:")]
 
 

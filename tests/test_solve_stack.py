@@ -1,15 +1,17 @@
 """Solving same-shaped layers as one stack gives each layer exactly what it gets alone."""
 import threading
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 
 from onnxobq import pipeline, solve
+from onnxobq.backend import Tuning, choose_device
 from onnxobq.calibration import CalibConfig
 from onnxobq.config import BNConfig, QuantizeConfig, SolveConfig
 from onnxobq.quant import GridSpec
-from onnxobq.graph.layers import ConvGeometry, Layer
+from onnxobq.types import ConvGeometry, Layer
 from onnxobq.pipeline import run
 from onnxobq.report import summary_lines
 from onnxobq.solve import plan_stacks, solve_layer, solve_stack
@@ -28,7 +30,7 @@ def layer(name, rows, cols, groups=1):
 def test_plan_stacks_groups_equal_shapes_within_the_limits():
     budget = 10 * (4 + 8) * 8 * 4                                 # ten groups of (4, 8) in float32
     layers = [layer("a", 4, 8), layer("b", 3, 8), layer("c", 4, 8, groups=6), layer("d", 4, 8, groups=4),
-              layer("e", 4, 8), layer("wide", 2, solve.STACK_MAX_COLS + 1), layer("wide2", 2, solve.STACK_MAX_COLS + 1),
+              layer("e", 4, 8), layer("wide", 2, Tuning.stack_max_cols + 1), layer("wide2", 2, Tuning.stack_max_cols + 1),
               layer("f", 4, 8)]
     has_h = [True] * 7 + [False]
     # a+c fill 7 of the 10 groups, d (4 more) opens a new stack that e joins; b is another shape;
@@ -44,7 +46,7 @@ def test_plan_stacks_keeps_layers_of_other_bit_widths_apart():
 
 
 def test_only_a_gpu_stacks():
-    assert solve.stack_budget(np) == 0
+    assert choose_device("cpu").stack_bytes == 0 and builders.cpu().stack_bytes == 0
 
 
 def stack_problem(seed, shapes, C=12):
@@ -63,9 +65,9 @@ def stack_problem(seed, shapes, C=12):
 def test_a_stack_solves_each_layer_as_alone(method):
     layers, weights, hessians = stack_problem(0, [(5, 1), (5, 3), (5, 2)])
     cfg = SolveConfig(method=method, grid=GridSpec(bits=3))
-    together = solve_stack(layers, weights, hessians, cfg, np, [100, 200, 300])
+    together = solve_stack(layers, weights, hessians, cfg, builders.cpu(), [100, 200, 300])
     for i, (q, s) in enumerate(together):
-        q1, s1 = solve_layer(layers[i], weights[i], hessians[i], cfg, np, [100, 200, 300][i])
+        q1, s1 = solve_layer(layers[i], weights[i], hessians[i], cfg, builders.cpu(), [100, 200, 300][i])
         np.testing.assert_array_equal(q.codes, q1.codes)
         np.testing.assert_array_equal(q.scale, q1.scale)
         np.testing.assert_array_equal(q.zero, q1.zero)
@@ -79,11 +81,11 @@ def test_a_failing_or_broken_layer_in_a_stack_is_reported_alone():
     layers, weights, hessians = stack_problem(1, [(4, 1), (4, 2), (4, 1)])
     hessians[1][1] = -np.eye(12)                 # one group of the middle layer cannot be factorised
     cfg = SolveConfig(method="fastobq", grid=GridSpec(bits=4), damp=Damping(0.01, relative=False, retries=1))
-    out = solve_stack(layers, weights, hessians, cfg, np, [1, 1, 1])
+    out = solve_stack(layers, weights, hessians, cfg, builders.cpu(), [1, 1, 1])
     assert [s.method for _, s in out] == ["fastobq", "fastobq+rtn", "fastobq"]
     assert out[1][1].note.startswith("Cholesky failed in 1/2 group(s)")
     hessians[2][0, 0, 0] = np.nan                # NaN activations behind the last layer
-    out = solve_stack(layers, weights, hessians, cfg, np, [1, 1, 1])
+    out = solve_stack(layers, weights, hessians, cfg, builders.cpu(), [1, 1, 1])
     assert [s.method for _, s in out] == ["fastobq", "fastobq+rtn", "rtn"]
     assert out[2][1].note.startswith("NaN or Inf in its calibration inputs")
     assert [s.stacked for _, s in out] == [1, 1, 1]
@@ -111,20 +113,20 @@ def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkey
     onnx.save(repeated_net(), src)
     np.savez(calib, x=builders.rng(4).standard_normal((6, 8, 10, 10)).astype(np.float32))
     reports = {}
-    monkeypatch.setattr(pipeline, "stack_budget", lambda xp: solve.STACK_MAX_BYTES)   # stack on the CPU too
-    for limit in (0, solve.STACK_MAX_COLS):
-        monkeypatch.setattr(solve, "STACK_MAX_COLS", limit)
+    for limit in (0, Tuning.stack_max_cols):              # stack on the CPU too
+        device = replace(builders.cpu(stack_max_cols=limit), stack_bytes=Tuning.stack_max_bytes)
+        monkeypatch.setattr(pipeline, "choose_device", lambda *a, device=device: device)
         cfg = QuantizeConfig(model=str(src), output=str(tmp_path / f"q{limit}.onnx"),
                              calib=CalibConfig(source=str(calib), batch_size=2),
                              solve=SolveConfig(grid=GridSpec(bits=3)), bn=BNConfig(reestimate=False))
         reports[limit] = run(cfg)
-    alone, stacked = reports[0].layers, reports[solve.STACK_MAX_COLS].layers
+    alone, stacked = reports[0].layers, reports[Tuning.stack_max_cols].layers
     assert [s.stacked for s in alone] == [1, 1, 1, 1] and [s.stacked for s in stacked] == [2, 2, 2, 2]
     assert [s.error for s in stacked] == pytest.approx([s.error for s in alone], rel=1e-12)
-    assert (tmp_path / "q0.onnx").read_bytes() == (tmp_path / f"q{solve.STACK_MAX_COLS}.onnx").read_bytes()
+    assert (tmp_path / "q0.onnx").read_bytes() == (tmp_path / f"q{Tuning.stack_max_cols}.onnx").read_bytes()
     note = ("note: 4 layers were solved in stacks with others of the same shape; "
             "their seconds are shares of their stack's time")
-    assert note in summary_lines(reports[solve.STACK_MAX_COLS])
+    assert note in summary_lines(reports[Tuning.stack_max_cols])
     assert not any("stacks" in line for line in summary_lines(reports[0]))
 
 
@@ -132,7 +134,7 @@ def test_quantize_writes_the_same_model_with_and_without_stacks(tmp_path, monkey
 def test_the_reported_errors_match_float64_sums(bits):
     """The report's float32 errors (solve.REPORT_DTYPE) equal float64 ones to 1e-5, also for a
     Hessian of rank 8 (8 samples, 64 inputs), where the solved error is a small part of the norm."""
-    from onnxobq.graph.layers import to_matrix
+    from onnxobq.types import to_matrix
     from onnxobq.solvers import METHODS, layer_error
 
     r = np.random.default_rng(5)
@@ -140,7 +142,7 @@ def test_the_reported_errors_match_float64_sums(bits):
     X = r.standard_normal((1, 64, 8)) * r.random((1, 64, 1)) ** 2
     H = 2 * X @ X.transpose(0, 2, 1) / 8
     w = (0.1 * r.standard_normal(lay.shape)).astype(np.float32)
-    q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=bits)), np, 8)
+    q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=bits)), builders.cpu(), 8)
     W = to_matrix(lay, w).astype(np.float64)
     Q = (to_matrix(lay, q.codes).astype(np.float64) - q.zero[None, :, None]) * q.scale[None, :, None]
     rtn = METHODS["rtn"].solve(W, None, solve.fit_grid(W, GridSpec(bits=bits), np), xp=np).Q
@@ -155,7 +157,7 @@ def test_reported_errors_past_float32s_range_come_from_float64_sums(size):
     Hessian, past float32's range: the errors are then summed in H's float64, finite, without
     a warning."""
     import warnings
-    from onnxobq.graph.layers import to_matrix
+    from onnxobq.types import to_matrix
     from onnxobq.solvers import layer_error
 
     r = np.random.default_rng(6)
@@ -168,7 +170,7 @@ def test_reported_errors_past_float32s_range_come_from_float64_sums(size):
     assert not np.isfinite(in_float32).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=4)), np, 64)
+        q, s = solve_layer(lay, w, H, SolveConfig(grid=GridSpec(bits=4)), builders.cpu(), 64)
     W = to_matrix(lay, w).astype(np.float64)
     Q = (to_matrix(lay, q.codes).astype(np.float64) - q.zero[None, :, None]) * q.scale[None, :, None]
     assert np.isfinite(s.error) and s.error == pytest.approx(layer_error(W, Q, H, np), rel=1e-9)
@@ -193,15 +195,15 @@ def test_layers_solved_on_several_threads_write_the_model_of_one(tmp_path, monke
             if self.what == "layers":
                 advanced[workers] = advanced.get(workers, 0) + n
 
-    seen, real = [], pipeline.solve_stack
+    seen, real = [], solve.solve_stack
 
     def spy(*a, **k):
         seen.append((workers, threading.current_thread().name, blas()))
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "solve_stack", spy)
+    monkeypatch.setattr(solve, "solve_stack", spy)
     for workers in (1, 3):
-        monkeypatch.setattr(pipeline, "cpu_workers", lambda xp: workers)
+        monkeypatch.setattr(pipeline, "choose_device", lambda *a, workers=workers: replace(builders.cpu(), workers=workers))
         cfg = QuantizeConfig(model=str(src), output=str(tmp_path / f"q{workers}.onnx"),
                              calib=CalibConfig(source=str(calib), batch_size=2),
                              solve=SolveConfig(grid=GridSpec(bits=3)), bn=BNConfig(reestimate=False))

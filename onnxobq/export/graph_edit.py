@@ -1,15 +1,13 @@
 """Edit an onnx-graphsurgeon graph in place: new weights, biases and DequantizeLinear nodes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..graph.layers import constant_holder
-from ..solve import QuantizedLayer
+from ..types import BNEdit, QuantizedLayer
 from .opset import FP16_SCALE_OPSET, INT4_MIN_OPSET
 
 
@@ -177,22 +175,6 @@ def _cast(graph: gs.Graph, x, dtype, name: str, node_name: str) -> gs.Variable:
     graph.nodes.append(gs.Node("Cast", name=node_name, inputs=[x], outputs=[out],
                                attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}))
     return out
-
-
-@dataclass(frozen=True)
-class BNEdit:
-    """New running statistics for one BatchNormalization node, and whether it is folded.
-
-    Attributes:
-        output: the BN node's output tensor (identifies the node).
-        mean, var: the re-estimated statistics.
-        fold_into: output tensor of the Conv it is folded into, or None to keep the node.
-    """
-
-    output: str
-    mean: np.ndarray
-    var: np.ndarray
-    fold_into: str | None = None
 
 
 def apply_bn_edit(graph: gs.Graph, edit: BNEdit) -> None:

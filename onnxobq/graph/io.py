@@ -8,7 +8,7 @@ import tempfile
 
 import onnx
 
-from ..errors import UserError, cannot_read, cannot_write
+from ..errors import UserError, cannot_read, cannot_write, option
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -22,6 +22,30 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 def stored_externally(path: str) -> bool:
     """True when the model file keeps any weight in an external data file."""
     return uses_external_data(onnx.load(path, load_external_data=False))
+
+
+def load(model) -> tuple[onnx.ModelProto, str, list[str]]:
+    """The model to quantize, how messages name it, and its files (none for one in memory).
+
+    Args:
+        model: a path, or an onnx.ModelProto (checked with onnx.checker, not changed).
+
+    Raises:
+        UserError: see load_model; or the ModelProto fails onnx.checker.
+    """
+    if isinstance(model, onnx.ModelProto):
+        if not model.graph.node or not model.opset_import:
+            raise UserError(f"{option('model')}: not an ONNX model (no graph or no opset); export the model again")
+        try:
+            onnx.checker.check_model(model)
+        except ValueError:      # past 2 GiB the checker cannot serialise it: checked by onnxruntime later
+            pass
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{option('model')}: the model fails onnx.checker ({first}); fix the export") from None
+        return model, option("model") + " (in memory)", []
+    path = os.fspath(model)
+    return load_model(path), path, [path, *external_data_files(path)]
 
 
 def load_model(path: str) -> onnx.ModelProto:
@@ -59,8 +83,10 @@ def load_model(path: str) -> onnx.ModelProto:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Approximate size of the model's weights in bytes."""
-    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+    """Approximate size of the model's weights in bytes: its initializers and the values of its
+    main graph's Constant nodes (without serialising it, which fails past 2 GiB)."""
+    values = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in [*model.graph.initializer, *values])
 
 
 def external_data_files(path: str) -> list[str]:
@@ -77,59 +103,6 @@ def external_data_files(path: str) -> list[str]:
                 if entry.key == "location":
                     files.add(os.path.join(folder, entry.value))
     return sorted(files)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: str, write, binary: bool = False) -> None:
-    """Write a file through a temporary one beside it, renamed into place: a reader never
-    sees a partial file, and a failed write leaves nothing. ``write(f)`` writes the content."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxobq-", suffix=suffix, dir=folder)
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes it 0600; a file written in place would not be
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_output_path(model_path: str, output_path: str) -> None:
-    """Refuse an output that would overwrite the input model or its external data.
-
-    Raises:
-        UserError: the output (or the ``.data`` file written beside it) is the input
-            model or one of its external data files, or the output's folder is missing.
-    """
-    out = os.path.realpath(output_path)
-    if out == os.path.realpath(model_path):
-        raise UserError(f"--output {output_path}: this is the input model; "
-                        "give another output path (the input is never overwritten)")
-    if os.path.realpath(out + ".data") == os.path.realpath(model_path):
-        raise UserError(f"--output {output_path}: its data file would overwrite the input; choose another name")
-    inputs = {os.path.realpath(f) for f in external_data_files(model_path)} if os.path.isfile(model_path) else set()
-    for written in (out, os.path.realpath(out + ".data")):
-        if written in inputs:
-            raise UserError(f"--output {output_path}: it would overwrite {os.path.basename(written)}, the input "
-                            "model's external data; give another output path")
-    if os.path.isdir(out):
-        raise UserError(f"--output {output_path}: is a folder; give a file name ending in .onnx")
-    if os.path.exists(out) and not os.path.isfile(out):
-        raise UserError(f"--output {output_path}: is not a regular file (a device or a pipe), which the atomic "
-                        "rename would replace; give a file name ending in .onnx")
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
-        raise UserError(f"--output {output_path}: folder {parent} does not exist; create it first")
 
 
 @contextlib.contextmanager

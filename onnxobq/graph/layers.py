@@ -6,108 +6,19 @@ are returned too, each with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+from ..types import QUANTIZABLE_OPS, ConvGeometry, Layer, LayerScan, Skipped
+
 # Ops that hold weights but that onnxobq leaves alone; listed so the user sees why.
 UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported (TensorRT has no per-channel "
                                     "ConvTranspose weights)",
                    "ConvInteger": "already an integer op", "QLinearConv": "already an integer op",
                    "MatMulInteger": "already an integer op", "QLinearMatMul": "already an integer op"}
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """What im2col needs to know about a Conv (spatial rank 1, 2 or 3)."""
-
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]        # ONNX order: begins then ends
-    dilations: tuple[int, ...]
-    auto_pad: str = "NOTSET"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One quantizable layer.
-
-    Attributes:
-        name: the node's name (made unique).
-        op: "Conv", "Gemm" or "MatMul".
-        weight: the weight tensor's name; source: "initializer" or "Constant node".
-        input: the activation tensor whose Hessian is needed; output: the node's output.
-        shape: the weight's stored shape; dtype: its NumPy dtype name.
-        groups: independent groups (Conv group attribute; 1 otherwise).
-        rows, cols: d_row and d_col of one group.
-        transposed: the weight is stored inputs x outputs (Gemm transB=0, MatMul),
-            so it is solved on its transpose.
-        trans_a: Gemm transA=1 (the activation arrives transposed).
-        conv: im2col geometry for a Conv, else None.
-        bias: the bias tensor's name (Conv input 3, Gemm C), or None.
-        uses: (name, input, output) of the other nodes that share this weight (same op and
-            attributes, the weight as their second input, all in the main graph; RetinaNet-style
-            detection heads run one conv on every pyramid level). The weight is solved once on
-            the sum of every use's X^T X; ``name``, ``input`` and ``output`` are those of the
-            first.
-    """
-
-    name: str
-    op: str
-    weight: str
-    source: str
-    input: str
-    output: str
-    shape: tuple[int, ...]
-    dtype: str
-    groups: int
-    rows: int
-    cols: int
-    transposed: bool = False
-    trans_a: bool = False
-    conv: ConvGeometry | None = None
-    bias: str | None = None
-    uses: tuple[tuple[str, str, str], ...] = ()
-
-    @property
-    def channel_axis(self) -> int:
-        """The axis of the stored weight that indexes output channels."""
-        return 1 if self.transposed else 0
-
-    @property
-    def hessian_key(self) -> tuple:
-        """Layers with the same key see the same unfolded input and share one Hessian."""
-        return (self.input, self.op == "Conv", self.trans_a, self.conv, self.groups, self.cols, self.uses)
-
-    def each_use(self) -> list[Layer]:
-        """One layer per node that uses the weight, each with its own input and output (the
-        layer itself when it has no other uses)."""
-        if not self.uses:
-            return [self]
-        return [replace(self, name=n, input=i, output=o, uses=())
-                for n, i, o in ((self.name, self.input, self.output), *self.uses)]
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A layer left in float, with the reason."""
-
-    name: str
-    op: str
-    weight: str
-    reason: str
-
-
-@dataclass
-class LayerScan:
-    """The result of scanning a graph: layers, skipped layers, and each layer's weight by name."""
-
-    layers: list[Layer] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def constant_holder(tensor) -> gs.Constant | None:
@@ -198,7 +109,7 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
     Returns:
         LayerScan with the quantizable layers in graph order and the skipped ones with reasons.
     """
-    scan, seen, claimed = LayerScan(), set(), set()
+    scan, seen, claimed = LayerScan(constants=float_constants(graph)), set(), set()
     index_of = {id(n): i for i, n in enumerate(graph.nodes)}   # users in an If or Loop body are not here
     for index, node in enumerate(graph.nodes):
         if node.op not in QUANTIZABLE_OPS and node.op not in UNSUPPORTED_OPS:
@@ -237,6 +148,18 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
     return scan
 
 
+def float_constants(graph: gs.Graph) -> dict[str, tuple[str, int]]:
+    """Every floating-point constant that a main-graph node reads: name -> (the op of its first
+    reader, its element count)."""
+    found = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            holder = constant_holder(tensor) if tensor.name and tensor.name not in found else None
+            if holder is not None and np.issubdtype(np.dtype(holder.dtype), np.floating):
+                found[tensor.name] = (node.op, int(np.prod(holder.shape, dtype=np.int64)))
+    return found
+
+
 def _skip_reason(node, main: dict) -> str | None:
     """Reasons that need no weight values: structure and sharing (``main``: the main graph's
     nodes, by id)."""
@@ -265,25 +188,3 @@ def _is_constant(tensor) -> bool:
     if isinstance(tensor, gs.Constant):
         return True
     return bool(tensor.inputs) and tensor.inputs[0].op == "Constant"
-
-
-def to_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
-    """The stored weight as the solver's (G, R, C) stack: rows are outputs, columns inputs.
-
-    Conv columns follow the weight's own flatten order c*kh*kw + i*kw + j.
-    """
-    if layer.op == "Conv":
-        return w.reshape(layer.groups, layer.rows, layer.cols)
-    return (w.T if layer.transposed else w)[None]
-
-
-def from_matrix(layer: Layer, m: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_matrix`: a (G, R, C) stack back to the stored weight layout."""
-    if layer.op == "Conv":
-        return m.reshape(layer.shape)
-    return m[0].T if layer.transposed else m[0]
-
-
-def channels_to_matrix_rows(layer: Layer, per_channel: np.ndarray) -> np.ndarray:
-    """Per-output-channel values (O,) as the (G, R) layout of a solver's grid."""
-    return per_channel.reshape(layer.groups, layer.rows)

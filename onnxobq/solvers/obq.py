@@ -73,8 +73,8 @@ def obq_rows(W, Hinv, scale, zero, qmin: int, qmax: int, xp):
 
 
 @register("obq", default_order=None)
-def obq(W, H, grid, *, order=None, block=128, damp=Damping(), xp=np) -> Result:
-    """Exact OBQ over every group and row of W (G, R, C). ``order`` and ``block`` do not apply."""
+def obq(W, H, grid, *, order=None, block=128, damp=Damping(), xp=np, kernel=False) -> Result:
+    """Exact OBQ over every group and row of W (G, R, C). ``order``, ``block`` and ``kernel`` do not apply."""
     G, R, C = W.shape
     H = fix_dead_columns(H, xp)
     Hinv, lam, ok = inverse_hessian(H, damp, xp)

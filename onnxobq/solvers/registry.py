@@ -11,7 +11,7 @@ class Method:
 
     Args:
         name: the --method name.
-        solve: ``solve(W, H, grid, *, order, block, damp, xp) -> Result``.
+        solve: ``solve(W, H, grid, *, order, block, damp, xp, kernel) -> Result``.
         default_order: the column order used when --order is not given (None: no order).
         uses_hessian: False for RTN, which needs no calibration data.
     """

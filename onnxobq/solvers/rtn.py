@@ -9,7 +9,7 @@ from .registry import register
 
 
 @register("rtn", uses_hessian=False)
-def rtn(W, H, grid, *, order=None, block=128, damp=None, xp=np) -> Result:
+def rtn(W, H, grid, *, order=None, block=128, damp=None, xp=np, kernel=False) -> Result:
     """Round every weight of W (G, R, C) to the nearest point of ``grid`` (scale (G, R), or (G, R, C))."""
     s, z = grid.columns()
     codes = quantize(W, s, z, grid.qmin, grid.qmax, xp)

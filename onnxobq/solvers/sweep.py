@@ -21,8 +21,6 @@ batch updates"). GPTQ is the same sweep in the natural order (or act-order).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..backend import is_cupy, to_numpy
@@ -92,16 +90,14 @@ def blocked_sweep(W, U, scale, zero, qmin, qmax, block, xp):
     return xp.ascontiguousarray(xp.swapaxes(codes, 1, 2))
 
 
-def use_kernel(W, grid, block: int, xp) -> bool:
-    """Whether the sweep runs as one CUDA kernel per block (CuPy, block <= 128, one scale per row).
-
-    ``ONNXOBQ_SWEEP_KERNEL=0`` in the environment turns it off (for benchmarks and debugging).
-    """
-    return (is_cupy(xp) and cuda_sweep.supports(W, block) and not grid.group_size
-            and os.environ.get("ONNXOBQ_SWEEP_KERNEL", "1") != "0")
+def use_kernel(W, grid, block: int, xp, kernel: bool = True) -> bool:
+    """Whether the sweep runs as one CUDA kernel per block: where ``kernel`` allows it
+    (Device.sweep_kernel), on CuPy, for blocks of at most 128 columns and one scale per row."""
+    return kernel and is_cupy(xp) and cuda_sweep.supports(W, block) and not grid.group_size
 
 
-def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Damping(), xp=np) -> Result:
+def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Damping(), xp=np,
+                kernel: bool = False) -> Result:
     """Quantize W with one shared inverse Hessian per group, sweeping columns in ``order``.
 
     Args:
@@ -112,6 +108,7 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
         block: columns per lazy block (default 128).
         damp: damping rule (default relative 0.01).
         xp: numpy or cupy.
+        kernel: run the in-block loop as a CUDA kernel where it can (see use_kernel).
 
     Returns:
         Result. Groups whose Cholesky fails at every damping are rounded to nearest:
@@ -128,7 +125,7 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     # at 3.5 arrays of H's size (tracemalloc), against 6.5 when the factor behind hinv_diag was
     # still held, H copied for its dead columns and the permuted copy again for its damping.
     U, lam, ok = damped_upper_inverse_factor(permute_square(H, perm, xp), damp, xp, overwrite=True)
-    sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, grid, block, xp) else blocked_sweep
+    sweep = cuda_sweep.blocked_sweep_cuda if use_kernel(W, grid, block, xp, kernel) else blocked_sweep
     scale, zero = grid.scale, grid.zero
     if grid.group_size:     # each column keeps its group's scale
         scale, zero = permute_columns(scale, perm, xp), permute_columns(zero, perm, xp)
@@ -139,12 +136,12 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
 
 
 @register("fastobq", default_order="sensi_des")
-def fastobq(W, H, grid, *, order="sensi_des", block=128, damp=Damping(), xp=np) -> Result:
+def fastobq(W, H, grid, *, order="sensi_des", block=128, damp=Damping(), xp=np, kernel=False) -> Result:
     """FastOBQ: sensitivity-descending column order, one shared inverse Hessian."""
-    return sweep_solve(W, H, grid, order=order, block=block, damp=damp, xp=xp)
+    return sweep_solve(W, H, grid, order=order, block=block, damp=damp, xp=xp, kernel=kernel)
 
 
 @register("gptq", default_order="none")
-def gptq(W, H, grid, *, order="none", block=128, damp=Damping(), xp=np) -> Result:
+def gptq(W, H, grid, *, order="none", block=128, damp=Damping(), xp=np, kernel=False) -> Result:
     """GPTQ: the same sweep in the natural column order ("none") or act-order ("act")."""
-    return sweep_solve(W, H, grid, order=order, block=block, damp=damp, xp=xp)
+    return sweep_solve(W, H, grid, order=order, block=block, damp=damp, xp=xp, kernel=kernel)

@@ -7,7 +7,7 @@ For a case (see ``bench.case``) the harness
    (``FP32Mismatch``, naming every missed figure, when it does not reproduce them);
 3. runs ``onnxobq quantize`` as a subprocess once per grid entry, with ``--report``;
 4. evaluates each quantized model with the case's own metric, measures its output
-   agreement with FP32 on the held-out inputs (``onnxobq.compare.compare_models``),
+   agreement with FP32 on the held-out inputs (``onnxobq.compare``),
    and writes ``OUT/CASE/runs/RUN_ID.json``.
 
 The Hessians depend only on the model and the calibration data, so the first run of a
@@ -265,7 +265,7 @@ def obq_skip_reason(layers, max_macs: float) -> tuple[str, str] | None:
     """Why exact OBQ is skipped on these layers, long and short, or None when it runs.
 
     Args:
-        layers: ``onnxobq.pipeline.inspect_model(...).layers``.
+        layers: ``onnxobq.inspect(...).quantizable``.
         max_macs: the most multiply-adds OBQ may take over the model.
     """
     if not layers:
@@ -285,7 +285,7 @@ def quantize_command(cfg: HarnessConfig, model: Path, data: CaseData, entry: Gri
                      output: Path, report: Path, hessian_args: tuple[str, ...] = ()) -> list[str]:
     """The ``onnxobq quantize`` argv of one grid entry."""
     return [*cfg.cli, "quantize", str(model), "--calib", data.calib, *data.calib_args, *entry.args(),
-            "-o", str(output), "--report", str(report), "-q", *hessian_args, *cfg.extra_args]
+            "-o", str(output), "--report", str(report), "--overwrite", "-q", *hessian_args, *cfg.extra_args]
 
 
 @dataclass(frozen=True)
@@ -377,8 +377,7 @@ def run_entry(case: Case, model: Path, data: CaseData, entry: GridEntry, cfg: Ha
 
 def measure(case: Case, model: Path, output: Path, data: CaseData, report: dict) -> dict:
     """Task metrics, output agreement with FP32 and the report's figures for one quantized model."""
-    from onnxobq.calibration import CalibConfig
-    from onnxobq.compare import compare_models
+    import onnxobq
 
     start = time.perf_counter()
     metrics = case.evaluate(output, data)
@@ -388,7 +387,7 @@ def measure(case: Case, model: Path, output: Path, data: CaseData, report: dict)
         if not data.held_out.lower().endswith((".npz", ".npy")):
             raise ValueError(f"held_out {data.held_out}: give an .npz of model inputs keyed by input name")
         start = time.perf_counter()
-        agreement = compare_models(str(model), str(output), CalibConfig(source=data.held_out))
+        agreement = [a.to_dict() for a in onnxobq.compare(str(model), str(output), data.held_out).outputs]
         compare_seconds = time.perf_counter() - start
     else:
         compare_seconds = 0.0
@@ -471,8 +470,8 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
             records.append(json.loads(path.read_text()))
             continue
         if layers is None and METHODS[entry.method][0] == "obq":
-            from onnxobq.pipeline import inspect_model
-            layers = inspect_model(str(model))[0].layers
+            import onnxobq
+            layers = onnxobq.inspect(str(model)).quantizable
         record = run_entry(case, model, data, entry, cfg, env, case_dir, layers, cache)
         write_json(record, path)
         records.append(record)

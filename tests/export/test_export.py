@@ -9,8 +9,9 @@ from onnxobq.config import QuantizeConfig, SolveConfig
 from onnxobq.export import build_model, prepare_opset, storage_type
 from onnxobq.errors import UserError
 from onnxobq.graph import scan_layers
-from onnxobq.capture import Captured
-from onnxobq.pipeline import Progress, solve_all
+from onnxobq.pipeline import Progress
+from onnxobq.solve import solve_all
+from onnxobq.types import Captured
 from onnxobq.quant import GridSpec
 
 import builders
@@ -36,7 +37,7 @@ def quantized(model, bits=4, symmetric=True):
     scan = scan_layers(gs.import_onnx(model))
     cfg = QuantizeConfig(model="", output="", solve=SolveConfig(
         method="rtn", grid=GridSpec(bits=bits, symmetric=symmetric)))
-    return solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0]
+    return solve_all(scan, Captured({}, {}, 0), cfg, builders.cpu(), Progress())[0]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -84,18 +85,18 @@ def test_storage_types():
     assert storage_type(5, False, 21) == "UINT8"
 
 
-def test_opset_conversion_rules():
+def test_opset_conversion_rules(flags):
     m = builders.conv_stack(opset=11)
-    assert prepare_opset(m, "fake", None) is m
-    up = prepare_opset(m, "qdq", None)
+    assert prepare_opset(m, "fake", None)[0] is m
+    up = prepare_opset(m, "qdq", None)[0]
     assert [o.version for o in up.opset_import if o.domain == ""] == [13]
-    assert [o.version for o in prepare_opset(m, "fake", 21).opset_import if o.domain == ""] == [21]
+    assert [o.version for o in prepare_opset(m, "fake", 21)[0].opset_import if o.domain == ""] == [21]
     with pytest.raises(UserError, match="--opset 9: the model already uses opset 11"):
-        prepare_opset(m, "qdq", 9)
+        prepare_opset(m, "qdq", 9)[0]
     newest = onnx.defs.onnx_opset_version()
     with pytest.raises(UserError, match=rf"--opset {newest + 1}: the installed onnx .* knows opsets up to "
                                         rf"{newest}; give {newest} or less$"):
-        prepare_opset(m, "qdq", newest + 1)
+        prepare_opset(m, "qdq", newest + 1)[0]
 
 
 def test_a_model_that_imports_a_non_standard_domain_is_exported():
@@ -107,7 +108,7 @@ def test_a_model_that_imports_a_non_standard_domain_is_exported():
         helper.find_min_ir_version_for(list(m.opset_import))
     scan = scan_layers(gs.import_onnx(m))
     cfg = QuantizeConfig(model="", output="", solve=SolveConfig(method="rtn"))
-    qlayers, _ = solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())
+    qlayers, _ = solve_all(scan, Captured({}, {}, 0), cfg, builders.cpu(), Progress())
     out = build_model(m, qlayers, "qdq", 13, True)
     assert {(o.domain, o.version) for o in out.opset_import} >= {("com.microsoft", 1), ("my.ops", 3), ("", 13)}
     assert out.ir_version == max(m.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", 13)]))
@@ -133,31 +134,31 @@ def test_float16_activations_are_quantized_in_float32_before_opset_19(opset):
     np.testing.assert_array_equal(builders.run(probe, {"x": x})[1], xq.astype(np.float16))
 
 
-def test_activations_need_opset_13():
+def test_activations_need_opset_13(flags):
     m = builders.conv_stack(opset=11)
-    assert [o.version for o in prepare_opset(m, "fake", None, activations=True).opset_import if o.domain == ""] == [13]
+    assert [o.version for o in prepare_opset(m, "fake", None, activations=True)[0].opset_import if o.domain == ""] == [13]
     with pytest.raises(UserError, match="^--opset 12: --act-bits needs opset 13 or later"):
-        prepare_opset(m, "fake", 12, activations=True)
+        prepare_opset(m, "fake", 12, activations=True)[0]
 
 
 def grouped(model, group_size, bits=4, symmetric=True):
     scan = scan_layers(gs.import_onnx(model))
     cfg = QuantizeConfig(model="", output="", solve=SolveConfig(
         method="rtn", grid=GridSpec(bits=bits, symmetric=symmetric, group_size=group_size)))
-    return scan, solve_all(scan, Captured({}, {}, 0), cfg, np, Progress())[0]
+    return scan, solve_all(scan, Captured({}, {}, 0), cfg, builders.cpu(), Progress())[0]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("make", [builders.conv_stack, linear_model])
 def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric, bits):
-    from onnxobq.graph.layers import from_matrix, to_matrix
+    from onnxobq.types import from_matrix, to_matrix
     from onnxobq.quant import fit_grid
     from onnxobq.solvers import METHODS
     # groups of 4 columns: a 3x3 conv's 27 (the last group of 3), a depthwise conv's 9, Gemm
     # transB=1's 8, MatMul's 6 (two groups, the last of 2); a grouped 1x1 conv's 2 and Gemm
     # transB=0's 4 make one group, which is the per-channel grid and stored as one
-    model = prepare_opset(make(), "qdq", None, grouped="--group-size")
+    model = prepare_opset(make(), "qdq", None, grouped="--group-size")[0]
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
     scan, q = grouped(model, 4, bits, symmetric)
     for layer, ql in zip(scan.layers, q):         # the dequantized weight is the solver's, laid out back
@@ -177,10 +178,10 @@ def test_grouped_weights_are_blocked_dequantize_in_every_layout(make, symmetric,
     np.testing.assert_allclose(builders.run(qdq, {"x": x})[0], builders.run(fake, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_qdq_needs_opset_21():
+def test_grouped_qdq_needs_opset_21(flags):
     m = builders.conv_stack(opset=13)
-    assert prepare_opset(m, "fake", None, grouped="--group-size") is m
-    assert [o.version for o in prepare_opset(m, "qdq", 21, grouped="--group-size").opset_import if o.domain == ""] == [21]
+    assert prepare_opset(m, "fake", None, grouped="--group-size")[0] is m
+    assert [o.version for o in prepare_opset(m, "qdq", 21, grouped="--group-size")[0].opset_import if o.domain == ""] == [21]
     with pytest.raises(UserError, match=r"^--opset 17: --group-size needs opset 21 or later in QDQ "
                                         r"\(DequantizeLinear's block_size\); give --opset 21 or later, or --format fake$"):
-        prepare_opset(m, "qdq", 17, grouped="--group-size")
+        prepare_opset(m, "qdq", 17, grouped="--group-size")[0]

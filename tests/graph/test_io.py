@@ -4,7 +4,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxobq import capture
+from onnxobq import runtime
 from onnxobq.cli import main
 from onnxobq.graph import io
 
@@ -25,7 +25,7 @@ def test_big_models_go_through_temporary_files(monkeypatch, tmp_path, capsys):
         sources.append(source)
         return real(source, *a, **k)
 
-    monkeypatch.setattr(capture.ort, "InferenceSession", spy)
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
     assert main(args + ["-o", str(tmp_path / "big.onnx")]) == 0, capsys.readouterr().err
     assert sources and all(isinstance(s, str) and s.endswith("model.onnx") for s in sources)
     # its tensors are all under the 1 KB inline threshold, so no data file is needed
@@ -52,7 +52,8 @@ def test_a_failed_write_names_the_users_path_and_leaves_nothing(tmp_path, monkey
     import os
 
     from onnxobq.errors import UserError
-    from onnxobq.graph.io import save_model, write_atomically
+    from onnxobq.files import write_atomically
+    from onnxobq.graph.io import save_model
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src)
@@ -72,7 +73,7 @@ def test_an_atomically_written_file_gets_the_mode_of_a_file_written_in_place(tmp
     import os
     import stat
 
-    from onnxobq.graph.io import write_atomically
+    from onnxobq.files import write_atomically
     write_atomically(str(tmp_path / "r.json"), lambda f: f.write("{}"))
     with open(tmp_path / "plain", "w") as f:
         f.write("{}")

@@ -2,7 +2,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxobq.graph import from_matrix, scan_layers, to_matrix
+from onnxobq.graph import scan_layers
+from onnxobq.types import from_matrix, to_matrix
 
 import builders
 

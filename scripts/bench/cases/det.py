@@ -321,7 +321,7 @@ class DetCase:
         import onnxruntime as ort
         from PIL import Image
 
-        from onnxobq.capture import session_options
+        from onnxobq.runtime import session_options
 
         sess = ort.InferenceSession(str(model), sess_options=session_options(),
                                     providers=["CPUExecutionProvider"])

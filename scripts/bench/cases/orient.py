@@ -265,10 +265,11 @@ def run_model(model: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """10 log10(|reference|^2 / |reference - test|^2) over all elements (inf if equal)."""
-    reference = np.asarray(reference, np.float64)
-    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
-    signal = float(np.sum(reference ** 2))
-    return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+    from onnxobq.metrics import SignalNoise
+
+    agreement = SignalNoise()
+    agreement.add(np.asarray(reference), np.asarray(test))
+    return agreement.sqnr_db()
 
 
 class OrientCase:

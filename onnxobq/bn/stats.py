@@ -1,0 +1,110 @@
+"""BatchNorm's numbers: per-channel moments combined over batches, new BN statistics, and a
+per-channel affine map folded into a quantized Conv. NumPy only."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import Tuning
+from ..types import QuantizedLayer
+
+VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
+
+
+@dataclass
+class Moments:
+    """Per-channel statistics of a tensor whose channels are on axis 1: the count of values
+    per channel, their mean and their sum of squared deviations from it (M2), in float64.
+
+    Batches combine by Chan, Golub and LeVeque's update (the deviations of the batch means
+    from the running mean carry the between-batch part), so no E[x^2] - E[x]^2 over the
+    whole data set cancels: a channel whose mean is thousands of times its std keeps its
+    variance to the precision of each batch's own.
+    """
+
+    count: int = 0
+    centre: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, a: np.ndarray, squares_run: int = Tuning.squares_run) -> "Moments":
+        """The moments of one array in two passes, without a float64 copy of it: each sample's
+        channel is summed in the array's dtype (NumPy sums a row pairwise), the sums added in
+        float64, for a first mean; then the deviations from it and their squares are summed
+        in runs of ``squares_run`` values (np.einsum sums a run in SIMD lanes, not pairwise), the
+        runs' sums in float64 (the corrected two-pass algorithm). Squares of the values
+        themselves would cancel where a channel's mean is large against its std."""
+        r = a.reshape(a.shape[0], a.shape[1], -1)
+        n = a.size // a.shape[1]
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are reported instead
+            first = r.sum(axis=2).sum(axis=0, dtype=np.float64) / max(n, 1)
+            shift = first.astype(a.dtype).reshape(1, -1, 1)
+            total, m2 = np.zeros(a.shape[1], np.float64), np.zeros(a.shape[1], np.float64)
+            for i in range(0, r.shape[2], squares_run):
+                d = r[:, :, i:i + squares_run] - shift
+                total += d.sum(axis=2).sum(axis=0, dtype=np.float64)
+                m2 += np.einsum("ncm,ncm->c", d, d)
+            offset = total / max(n, 1)
+            return cls(n, shift.reshape(-1).astype(np.float64) + offset, np.maximum(m2 - total * offset, 0.0))
+
+    @classmethod
+    def of_batch(cls, mean, var, count: int) -> "Moments":
+        """The moments of a batch given as its per-channel mean and biased variance over
+        ``count`` values a channel (a normalisation subgraph's, see _batch_normalise)."""
+        return cls(count, np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1) * count)
+
+    def add(self, other: "Moments") -> None:
+        """Add another batch's moments to these."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.centre, self.m2 = other.count, other.centre, other.m2
+            return
+        n = self.count + other.count
+        with np.errstate(invalid="ignore", over="ignore"):
+            delta = other.centre - self.centre
+            self.centre = self.centre + delta * (other.count / n)
+            self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        self.count = n
+
+    def mean(self) -> np.ndarray:
+        return self.centre
+
+    def var(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.maximum(self.m2 / self.count, 0.0)
+
+
+def bn_statistics(bn, fp: Moments | None, q: Moments, mode: str):
+    """New running mean and variance for one BN.
+
+    "reestimate" (the paper): the quantized model's own statistics at the BN input.
+    "match": statistics that give the BN output the same per-channel mean and std on the
+    calibration data as the float model's BN output. The two agree when the calibration
+    data has the statistics the BN was trained on; "match" stays right when it does not.
+    """
+    if mode == "reestimate" or fp is None:
+        return q.mean(), q.var()
+    with np.errstate(invalid="ignore", over="ignore"):     # non-finite statistics are reported instead
+        ratio = np.where(fp.var() > 1e-30, np.sqrt(q.var() / np.maximum(fp.var(), 1e-30)), 1.0)
+        var = (bn.var + bn.epsilon) * ratio ** 2 - bn.epsilon
+    return q.mean() - (fp.mean() - bn.mean) * ratio, np.maximum(var, 0.0)
+
+
+def fold_affine(q: QuantizedLayer, bias: np.ndarray, a: np.ndarray, t: np.ndarray) -> QuantizedLayer | None:
+    """Absorb y -> a*y + t (per output channel) into a quantized Conv with current ``bias``.
+
+    Returns None when a negative factor would push codes off the grid (a symmetric
+    full-range channel with a code at qmin cannot be negated).
+    """
+    rows = a.reshape(a.shape + (1,) * (q.scale.ndim - 1))     # (O, 1) against a scale per group
+    codes, zero, scale = q.codes, q.zero, q.scale * rows
+    neg = a < 0
+    if neg.any():
+        flip = neg.reshape(q.channel_shape())
+        if -q.qmin > q.qmax and (np.where(flip, codes, q.qmax) == q.qmin).any():
+            return None
+        codes, zero, scale = np.where(flip, -codes, codes), np.where(rows < 0, -zero, zero), np.abs(scale)
+    return dataclasses.replace(q, codes=codes, zero=zero, scale=scale, bias=bias * a + t)

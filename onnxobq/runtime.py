@@ -1,0 +1,167 @@
+"""onnxruntime: the one edge where models run, for the capture, BatchNorm and compare.
+
+Sessions are built from a model (its bytes, or a temporary file past protobuf's 2 GiB),
+given extra outputs where a stage reads inner tensors, and run with errors that name the
+calibration batch. Two sessions of a small model can run batch-1 samples side by side.
+"""
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .backend import Device
+from .errors import UserError, in_context
+from .graph.io import serialized, tensor_bytes
+from .types import InputSpec
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs by old exporters are left out)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def providers(runtime: str) -> list[str]:
+    """onnxruntime providers: CUDA when onnxruntime-gpu is installed and the GPU is wanted."""
+    if runtime != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(spin: bool = True) -> ort.SessionOptions:
+    """onnxruntime options that run a QDQ model as its ONNX graph says.
+
+    By default onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with
+    accuracy level 4, which also quantizes the activations to int8 at run time. Level 1
+    keeps them in float32, so what is measured is the effect of the weights alone.
+
+    Args:
+        spin: let onnxruntime's idle threads spin for the next operator. Turn it off
+            where NumPy's BLAS shares the cores between forward passes.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def session(model: onnx.ModelProto, extra: dict[str, int], runtime: str = "cpu",
+            spin: bool = True, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` that also returns the tensors in ``extra``.
+
+    Args:
+        model: the model; its outputs are restored before returning.
+        extra: tensor name -> ONNX element type, for tensors to expose as outputs.
+        runtime: "cpu", "cuda" or "auto" (see providers).
+        spin: see session_options.
+        threads: onnxruntime's intra-op threads (None: its default, one per core).
+    """
+    have = {o.name for o in model.graph.output}
+    added = [onnx.helper.make_tensor_value_info(n, t, None) for n, t in extra.items() if n not in have]
+    model.graph.output.extend(added)
+    opts = session_options(spin)
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    try:
+        with serialized(model) as source:
+            return ort.InferenceSession(source, opts, providers=providers(runtime))
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run the model ({_one_line(exc)}); "
+                        "check that it runs with onnxruntime before quantizing") from None
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
+
+
+def session_workers(device: Device, batch: int, model_bytes: int = 0) -> tuple[int, int | None]:
+    """How many sessions of a model run its batches side by side (see side_by_side), and
+    onnxruntime's threads for each (None: its default).
+
+    Two, on half the cores each, where the CPU provider runs one sample at a time: its threads
+    find little to share in one sample. On the 2-core machine, 48 images through the YOLOX
+    detector (fixed batch 1) took 1.86 to 2.04 s on two 1-thread sessions against 2.39 to
+    2.91 s on one session, alternating, and its BN stage (128 images) 28.7 and 29.0 s
+    against 34.5 and 36.2 s. ResNet-50 in batches of 8 took the same either way, so larger
+    batches keep one session, and so do models of more than Tuning.side_model_bytes. Used by
+    the BN passes and by compare, not by the capture (see capture.capture_hessians).
+    """
+    if (batch == 1 and device.cores >= 2 and model_bytes <= device.tuning.side_model_bytes
+            and providers(device.runtime)[0] == "CPUExecutionProvider"):
+        return 2, device.cores // 2
+    return 1, None
+
+
+def side_sessions(model: onnx.ModelProto, extra: dict[str, int], device: Device, batch: int,
+                  spin: bool = True) -> list:
+    """The sessions of ``model`` that session_workers asks for, for batches of ``batch`` samples."""
+    workers, threads = session_workers(device, batch, tensor_bytes(model))
+    return [session(model, extra, device.runtime, spin=spin, threads=threads) for _ in range(workers)]
+
+
+def side_by_side(fn: Callable, items: Iterable, states: list) -> Iterator:
+    """``fn(state, item)`` for each item, as many items at a time as there are states, each on
+    its own thread with its own state (its sessions); the results in the items' order.
+
+    onnxruntime releases the GIL while it runs, and so do NumPy's reductions, so the items
+    of a group run side by side. Each group finishes before the next starts, so the items
+    are read in the caller's thread between groups and at most len(states) results are held.
+    With one state the items run inline.
+    """
+    if len(states) == 1:
+        for item in items:
+            yield fn(states[0], item)
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(len(states), thread_name_prefix="onnxobq-run") as pool:
+        while group := list(itertools.islice(items, len(states))):
+            yield from list(pool.map(in_context(fn), states[:len(group)], group))
+
+
+def run(sess: ort.InferenceSession, names: list[str], feed: dict) -> dict[str, np.ndarray]:
+    """Run a session, turning a bad feed into a UserError that names the input."""
+    try:
+        return dict(zip(names, sess.run(names, feed)))
+    except Exception as exc:
+        why = _feed_mismatch(sess, feed) or _one_line(exc)
+        raise UserError(f"onnxruntime rejected the calibration batch ({why}); "
+                        "check the calibration data's shapes and dtypes against the model inputs") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, without onnxruntime's boilerplate."""
+    text = " ".join(str(exc).replace("Please fix either the inputs/outputs or the model.", "").split())
+    text = text.replace("[ONNXRuntimeError] : ", "")
+    return (text[:limit] + "...") if len(text) > limit else (text or type(exc).__name__)
+
+
+def _feed_mismatch(sess, feed: dict) -> str | None:
+    """Which fed array does not fit which model input, as onnxruntime sees them (None if all fit)."""
+    try:
+        for spec in sess.get_inputs():
+            a = feed.get(spec.name)
+            if a is None:
+                return f"no data for input '{spec.name}'"
+            want = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
+            if len(want) != a.ndim or any(w is not None and w != g for w, g in zip(want, a.shape)):
+                return f"input '{spec.name}' is {_fmt_dims(want)}, the batch has shape {list(a.shape)}"
+    except Exception:
+        return None
+    return None
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
