@@ -1,5 +1,8 @@
-"""The public API: quantize, capture, inspect and compare. The command line, the scripts and
-users all call these; each checks its arguments the same way whoever calls."""
+"""The public API: quantize, capture, inspect and compare.
+
+The command line, the scripts and users all call these; each checks its arguments the same
+way whoever calls.
+"""
 from __future__ import annotations
 
 import math

@@ -17,7 +17,7 @@ from .errors import UserError, spelled_as
 from .files import default_output
 from .pipeline import Progress
 from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
-from .report import layer_table, summary_lines
+from .report import layer_table, summary_lines, weights_line
 from .solvers import METHODS, ORDERS
 from .types import QUANTIZABLE_OPS as OP_TYPES
 
@@ -158,47 +158,6 @@ class BarProgress(Progress):
     def close_all(cls):
         for bar in list(cls.open_bars):
             bar.finish()
-
-
-def _floats(text: str | None, what: str):
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values):
-        raise click.BadParameter(f"{text!r}: give comma-separated finite numbers, e.g. 0.5,0.5,0.5",
-                                 param_hint=what)
-    return values
-
-
-def _size(text: str | None):
-    if text is None:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give HxW, e.g. 640x640", param_hint="--size") from None
-    if h < 1 or w < 1:
-        raise click.BadParameter(f"{text!r}: give a positive HxW, e.g. 640x640", param_hint="--size")
-    return h, w
-
-
-def _shapes(items) -> dict:
-    shapes = {}
-    for item in items:
-        name, _, dims = item.rpartition("=")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.lower().replace(",", "x").split("x"))
-        except ValueError:
-            raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape") from None
-        if not name:
-            raise click.BadParameter(f"{item!r}: give NAME=1x3x224x224", param_hint="--input-shape")
-        if any(d < 1 for d in shapes[name]):
-            raise click.BadParameter(f"{item!r}: give positive sizes, e.g. {name}=1x3x224x224",
-                                     param_hint="--input-shape")
-    return shapes
 
 
 def _floats(text: str | None, what: str):
@@ -418,20 +377,13 @@ def inspect(model, as_json):
     params = sum(l.groups * l.rows * l.cols for l in found.quantizable)
     click.echo(f"\n{len(found.quantizable)} quantizable layers (" + ", ".join(f"{n} {op}" for op, n in by_op.items())
                + f"), {params:,} weights; {len(found.skipped)} left in float")
-    click.echo(_float_line(found.weights))
+    click.echo(weights_line(found.weights))
     click.echo("inputs: " + "; ".join(f"{i.name} {_dims(i.shape)} {i.dtype}" for i in found.inputs)
                + " (give --size or --input-shape for a dynamic ?)" * any(None in i.shape for i in found.inputs))
     for s in found.skipped:
         click.echo(f"skipped: {s.name} ({s.op}): {s.reason}")
     for note in found.notes:
         click.echo(f"note: {note}")
-
-
-def _float_line(weights: dict) -> str:
-    total = weights["quantized"] + weights["float"]
-    share = f" ({100 * weights['float'] / total:.1f}% of {total:,})" if total else ""
-    ops = ", ".join(f"{op} {n:,}" for op, n in list(weights["float_by_op"].items())[:6])
-    return f"parameters left in float: {weights['float']:,}{share}" + (f": {ops}" if ops else "")
 
 
 def _dims(shape) -> str:

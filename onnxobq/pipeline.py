@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass
 import onnx
 
 from .backend import Device, choose_device, peak_rss_mb
-from .bn import PASSES, BNOutcome, reestimate
+from .bn.stage import PASSES, BNOutcome, reestimate
 from .calibration import Replay, describe, planned_samples, source_kind, spread
 from .capturing import capture_hessians
 from .agreement import CALIBRATION_KEY
 from .config import QuantizeConfig
 from .errors import UserError, option
 from .export import build_model, model_opset, prepare_opset, storage_type
-from .files import write_atomically
 from .graph import load, save_model, scan_folded
 from .graph.io import uses_external_data
 from .hessians import Hessians, from_file, model_digest

@@ -146,12 +146,25 @@ def _note_lines(layers) -> list[str]:
     return out
 
 
+def weights_line(weights: dict, shown: int = 5) -> str:
+    """The parameters quantized and those left in float, with the ops that read the latter."""
+    total = weights["quantized"] + weights["float"]
+    share = f" ({100 * weights['float'] / total:.1f}%)" if total else ""
+    ops = list(weights["float_by_op"].items())
+    named = ", ".join(f"{op} {n:,}" for op, n in ops[:shown]) + (f" and {len(ops) - shown} more ops" if len(ops) > shown
+                                                                  else "")
+    return (f"parameters: {weights['quantized']:,} quantized, {weights['float']:,} left in float{share}"
+            + (f": {named}" if named else ""))
+
+
 def summary_lines(report: Report) -> list[str]:
     """A few lines after the table: totals, BN, times, memory, outputs."""
     errs = [s.error for s in report.layers if s.error is not None]
     rtn = [s.rtn_error for s in report.layers if s.rtn_error is not None]
     out = [f"quantized {len(report.layers)} layer{'s' * (len(report.layers) != 1)}, left {len(report.skipped)} in float; "
            f"{report.samples} calibration samples; device {report.device}"]
+    if report.weights:
+        out.append(weights_line(report.weights))
     if errs:
         out.append(f"mean layer error {sum(errs) / len(errs):.3e} (round-to-nearest: {sum(rtn) / len(rtn):.3e})")
     out.extend(f"note: {note}" for note in report.notes)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark PP-OCRv4 text recognizers (FP32 and quantized) on rendered lines.
 
-This is benchmark 1 of ``shared/BENCHMARKS.md``. The FP32 model is
+This is the recognizer benchmark of docs/benchmarks.md. The FP32 model is
 ``ch_PP-OCRv4_rec_infer.onnx`` from ``rapidocr_onnxruntime==1.4.4``.
 
 The script

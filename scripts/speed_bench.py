@@ -4,7 +4,7 @@
 Models (``--models``):
 
 * ``resnet50``: the ResNet-50 graph that ships with the onnx package
-  (``onnx/backend/test/data/light/light_resnet50.onnx``, BENCHMARKS.md section 5)
+  (``onnx/backend/test/data/light/light_resnet50.onnx``, docs/benchmarks.md section 5)
   with its ``ConstantOfShape`` weights replaced by seeded random initializers and a
   dynamic batch; 53 Conv + 1 Gemm, 53 BatchNormalization;
 * any other ``NAME=PATH.onnx``, e.g. ``yolox=.../common_det.onnx``.

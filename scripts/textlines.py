@@ -8,7 +8,7 @@ calibration text never overlaps evaluation text.
 Lines are rendered with PIL in the DejaVu fonts at 24-40 px, dark text on a
 light background. The "hard" variant is downscaled 0.35-0.6x, blurred
 (Gaussian radius 0.3-1.0), given Gaussian noise (sigma 4-14) and JPEG-encoded
-at quality 20-50 (see ``shared/BENCHMARKS.md``, section 1).
+at quality 20-50 (see docs/benchmarks.md, the recognizer's data).
 
 Everything is deterministic given a seed: line ``i`` of a set with seed ``s``
 is drawn from ``numpy.random.default_rng((s, i))``, so a longer set starts

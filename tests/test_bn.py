@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from onnxobq.bn import reestimate
+from onnxobq.bn.stage import reestimate
 from onnxobq.calibration import CalibConfig
 from onnxobq.cli import main
 from onnxobq.config import BNConfig, QuantizeConfig, SolveConfig
@@ -119,7 +119,6 @@ def test_train_mode_statistics_over_several_batches_are_float64_moments_of_its_t
     model, _, _ = data
     layers = rtn_layers(model)
     calib = dataclasses.replace(data[2], batch_size=8)
-    cfg = BNConfig(mode=mode)
     graph = gs.import_onnx(model)
     bns = bn_graph.find_bn_nodes(graph, layers, {})
     targets = {"y": np.dtype(np.float32)}

@@ -1,5 +1,7 @@
-"""BatchNorm's graph surgery: the BN nodes to re-estimate, and the train-mode model whose one pass
-measures every statistic in order (onnx-graphsurgeon)."""
+"""BatchNorm's graph surgery: the BN nodes, and the train-mode model that measures them in one pass.
+
+Built with onnx-graphsurgeon; the pass itself runs in bn.passes.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,8 @@
-"""BatchNorm's passes over the calibration data on onnxruntime: the float reference, the output
-error, and the train-mode model's moments."""
+"""BatchNorm's passes over the calibration data on onnxruntime.
+
+The float reference (its moments and outputs), the output error of a quantized model, and the
+train-mode model's moments.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

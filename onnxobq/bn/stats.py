@@ -1,5 +1,8 @@
-"""BatchNorm's numbers: per-channel moments combined over batches, new BN statistics, and a
-per-channel affine map folded into a quantized Conv. NumPy only."""
+"""BatchNorm's numbers: per-channel moments, new BN statistics, and folds into a quantized Conv.
+
+Moments combine over batches; a per-channel affine map folds into a Conv's scales and bias.
+NumPy only.
+"""
 from __future__ import annotations
 
 import dataclasses

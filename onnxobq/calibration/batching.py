@@ -1,5 +1,7 @@
-"""Samples into batches: the source's chunks re-cut to the model's batch, a spread of picked
-samples, and a replay of the first pass for BatchNorm's later ones.
+"""Samples into batches: re-cut to the model's batch, spread, and replayed for BatchNorm.
+
+The source's chunks are re-cut to the batch the model takes; spread picks samples at even steps;
+Replay keeps the first pass for BatchNorm's later ones.
 
 Host memory holds one batch at a time (and, in a Replay, the kept pass).
 """

@@ -1,5 +1,6 @@
-"""Per-tensor scales for the layers' input activations (explicit INT8 quantization, as
-TensorRT builds it: a QuantizeLinear/DequantizeLinear pair with zero-point 0 on each input).
+"""Per-tensor scales for the layers' input activations (explicit INT8 quantization).
+
+As TensorRT builds it: a QuantizeLinear/DequantizeLinear pair with zero-point 0 on each input.
 
 The capture keeps, for each layer input, a histogram of |x| over the calibration data
 (AbsHistogram); the scale comes from it by one of ACT_CALIBRATIONS:

@@ -20,7 +20,7 @@ class CaseUnavailable(Exception):
 
 
 class FP32Mismatch(Exception):
-    """The FP32 model does not reproduce the figures of BENCHMARKS.md: the harness is wrong."""
+    """The FP32 model does not reproduce the figures of docs/benchmarks.md: the harness is wrong."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,10 @@ def packaged_model(module: str, pip_spec: str, relative: str) -> Path:
 
 
 def check_fp32(case: Case, metrics: dict[str, float]) -> list[str]:
-    """The FP32 figures that miss BENCHMARKS.md by more than their tolerance (empty if none)."""
+    """The FP32 figures that miss docs/benchmarks.md by more than their tolerance (empty if none)."""
     misses = []
     for key, (want, tol) in case.fp32_expected.items():
         got = metrics.get(key)
         if got is None or abs(got - want) > tol:
-            misses.append(f"{case.name} FP32 {key}: got {got}, BENCHMARKS.md has {want} (tolerance {tol})")
+            misses.append(f"{case.name} FP32 {key}: got {got}, docs/benchmarks.md has {want} (tolerance {tol})")
     return misses

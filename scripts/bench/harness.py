@@ -3,7 +3,7 @@
 For a case (see ``bench.case``) the harness
 
 1. finds (or installs) the FP32 model and generates the data from the seed;
-2. evaluates the FP32 model and checks it against BENCHMARKS.md
+2. evaluates the FP32 model and checks it against docs/benchmarks.md
    (``FP32Mismatch``, naming every missed figure, when it does not reproduce them);
 3. runs ``onnxobq quantize`` as a subprocess once per grid entry, with ``--report``;
 4. evaluates each quantized model with the case's own metric, measures its output
@@ -130,7 +130,7 @@ class HarnessConfig:
     """Settings shared by every run.
 
     Args:
-        seed: seed of the case's data (default 0: the sets BENCHMARKS.md measured).
+        seed: seed of the case's data (default 0: the sets docs/benchmarks.md measured).
         quick: the case's smaller evaluation sets.
         obq_max_macs: skip exact OBQ when it would take more multiply-adds than this.
         timeout: seconds one ``onnxobq quantize`` may take (None: no limit).
@@ -234,7 +234,7 @@ def expected_fp32(case: Case, seed: int, quick: bool) -> dict[str, tuple[float, 
 
 def evaluate_fp32(case: Case, model: Path, data: CaseData, cfg: HarnessConfig, env: dict,
                   case_dir: Path) -> dict:
-    """Evaluate the FP32 model, write ``fp32.json``, and raise if it misses BENCHMARKS.md.
+    """Evaluate the FP32 model, write ``fp32.json``, and raise if it misses docs/benchmarks.md.
 
     Raises:
         FP32Mismatch: one line per missed figure (``fp32.json`` is written first, with
@@ -445,7 +445,7 @@ def run_case(case: Case, entries: list[GridEntry], out_dir: Path, cfg: HarnessCo
         The FP32 record followed by one record per entry.
 
     Raises:
-        FP32Mismatch: the FP32 model misses BENCHMARKS.md; no grid entry is run.
+        FP32Mismatch: the FP32 model misses docs/benchmarks.md; no grid entry is run.
         CaseUnavailable: the case cannot run here.
     """
     case_dir = Path(out_dir) / case.name

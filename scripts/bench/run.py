@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the onnxobq benchmark grid on real models (see ``harness.py`` and shared/BENCHMARKS.md).
+"""Run the onnxobq benchmark grid on real models (see ``harness.py`` and docs/benchmarks.md).
 
 Examples::
 
@@ -12,7 +12,7 @@ Examples::
 Methods: rtn, gptq (natural order), gptq_act (act-order), fastobq_{sensi,err,w}_{des,asc},
 obq (exact; skipped where it would take more than --obq-max-macs multiply-adds), or all.
 
-Exit status: 0; 1 when a FP32 model does not reproduce BENCHMARKS.md (each missed figure
+Exit status: 0; 1 when a FP32 model does not reproduce docs/benchmarks.md (each missed figure
 is printed); 2 for a bad command line or a case that cannot run here; 3 when some run
 failed or timed out (its JSON says why; the others are written).
 """
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="all", help="comma-separated grid methods, or all (default)")
     p.add_argument("--bits", default="8,6,4,3", help="comma-separated bit widths (default 8,6,4,3)")
     p.add_argument("--bn", default="on,off", help="BN re-estimation: on, off or on,off (default)")
-    p.add_argument("--seed", type=int, default=0, help="data seed (default 0: the sets of BENCHMARKS.md)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default 0: the sets of docs/benchmarks.md)")
     p.add_argument("--out", type=Path, default=Path("bench_out/grid"), help="output folder (default bench_out/grid)")
     p.add_argument("--quick", action="store_true", help="the cases' smaller evaluation sets")
     p.add_argument("--fp32-only", action="store_true", help="only check the FP32 figures")
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         try:
             records = run_case(case, entries, args.out, cfg, log=lambda s: print(s, flush=True))
         except FP32Mismatch as exc:
-            print(f"run.py: FP32 MISMATCH, the harness does not reproduce BENCHMARKS.md:\n{exc}\n"
+            print(f"run.py: FP32 MISMATCH, the harness does not reproduce docs/benchmarks.md:\n{exc}\n"
                   f"(see {args.out / name / 'fp32.json'}); no quantized run was made", file=sys.stderr)
             return 1
         except (CaseUnavailable, ValueError) as exc:

@@ -150,7 +150,7 @@ def settings_lines(record: dict, fp32: dict | None) -> list[str]:
              + f"{m['cpu']}, {m['usable_cores']} of {m['cpu_count']} cores, {m['platform']}."]
     if fp32:
         figures = ", ".join(f"{k} {fmt_metric(val)}" for k, val in fp32["metrics"].items())
-        verdict = "matches BENCHMARKS.md" if fp32["status"] == "ok" else "; ".join(fp32["misses"])
+        verdict = "matches docs/benchmarks.md" if fp32["status"] == "ok" else "; ".join(fp32["misses"])
         lines.append(f"FP32: {figures} ({verdict}).")
     return lines + [""]
 

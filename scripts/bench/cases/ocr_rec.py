@@ -1,4 +1,4 @@
-"""Benchmark case 1 of ``shared/BENCHMARKS.md``: the PP-OCRv4 text recognizer.
+"""Benchmark case: the PP-OCRv4 text recognizer (docs/benchmarks.md describes its data).
 
 Model: ``ch_PP-OCRv4_rec_infer.onnx`` from ``rapidocr_onnxruntime==1.4.4``
 (installed by name with ``pip --no-deps`` when missing).
@@ -129,7 +129,7 @@ class OCRRecCase:
     package = "rapidocr_onnxruntime==1.4.4"
     primary = "hard_cer"
     higher_is_better = False
-    # BENCHMARKS.md, 200 lines per set, seed 0: the very lines this case renders with
+    # docs/benchmarks.md, 200 lines per set, seed 0: the very lines this case renders with
     # seed 0 (this harness measures clean 0.990 / 0.0010 and hard 0.650 / 0.0431 there),
     # so the tolerances only absorb a line or two of platform difference.
     fp32_expected = {
@@ -139,7 +139,7 @@ class OCRRecCase:
         "hard_cer": (0.042, 0.004),
     }
     # Any other seed, or fewer lines, draws another sample: check it against the
-    # 1,000-line figures of BENCHMARKS.md with about 3 standard deviations of a
+    # 1,000-line figures of docs/benchmarks.md with about 3 standard deviations of a
     # 200-line set (measured over seeds 0-5: hard exact 0.510-0.655, hard CER
     # 0.029-0.062, clean exact 0.975-0.990, clean CER 0.0007-0.0018), twice that
     # for the 50 lines of ``quick``. A broken pre- or post-processing costs tens of
@@ -154,7 +154,7 @@ class OCRRecCase:
     def fp32_expected_for(self, seed: int, quick: bool = False) -> dict[str, tuple[float, float]]:
         """The FP32 figures (value, tolerance) that the data of ``make_data(seed, quick)`` must give.
 
-        Seed 0 at full size is the set BENCHMARKS.md measured (``fp32_expected``);
+        Seed 0 at full size is the set docs/benchmarks.md measured (``fp32_expected``);
         anything else is compared with the 1,000-line figures within sampling noise.
         """
         if seed == 0 and not quick:

