@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -53,79 +54,79 @@ class Hessians:
     """Every captured layer's Hessian H = 2XX^T/N, with what they were captured from.
 
     Attributes:
-        captured: the Hessians (NumPy or CuPy arrays) and their row counts, keyed by the repr of
-            each layer's hessian_key, with the sample count and the activation histograms.
         model: the model's file name (or "model (in memory)"); model_sha256: its digest.
         calibration: the calibration settings (calibration.describe).
+        samples: the calibration samples they came from.
+        keys: the repr of each layer key captured (Layer.hessian_key), in graph order.
+        read: ``read(key)`` -> (H, rows) of one of ``keys`` (an array in memory, or read from a file).
+        ranges: each layer input's |x| histogram by tensor name, where they were counted (act_bits).
     """
 
-    captured: Captured
     model: str
     model_sha256: str
     calibration: dict | None
+    samples: int
+    keys: list
+    read: Callable
+    ranges: dict = field(default_factory=dict)
 
-    @property
-    def samples(self) -> int:
-        """The calibration samples the Hessians came from."""
-        return self.captured.samples
+    @classmethod
+    def of(cls, captured: Captured, model: str, model_sha256: str, calibration: dict | None) -> "Hessians":
+        """A capture as a value, keyed as a file keys it."""
+        by_key = {repr(k): (H, captured.rows[k]) for k, H in captured.hessians.items()}
+        return cls(model, model_sha256, calibration, captured.samples, list(by_key), by_key.get, captured.ranges)
 
     def __repr__(self) -> str:
-        return (f"Hessians({len(self.captured.hessians)} layers of {self.model}, {self.samples} samples"
-                f"{', with activation ranges' if self.captured.ranges else ''})")
+        return (f"Hessians({len(self.keys)} layers of {self.model}, {self.samples} samples"
+                f"{', with activation ranges' if self.ranges else ''})")
 
     def save(self, path: str) -> None:
         """Write the Hessians to ``path`` (.npz), atomically (an existing file is replaced)."""
-        keys = list(self.captured.hessians)
-        ranges = list(self.captured.ranges.items())     # the layer inputs' |x| histograms, for act_bits
+        ranges = list(self.ranges.items())     # the layer inputs' |x| histograms, for act_bits
         header = {"format": FORMAT, "model": self.model, "model_sha256": self.model_sha256,
-                  "calib": self.calibration, "samples": self.samples, "keys": keys,
+                  "calib": self.calibration, "samples": self.samples, "keys": self.keys,
                   "ranges": [{"tensor": name, "top": h.top, "amax": h.amax} for name, h in ranges]}
         arrays = {"header": np.array(json.dumps(header))}
-        for i, key in enumerate(keys):
-            arrays[f"h{i}"] = to_numpy(self.captured.hessians[key])
-            arrays[f"rows{i}"] = np.array(self.captured.rows[key], dtype=np.int64)
+        for i, key in enumerate(self.keys):
+            H, rows = self.read(key)
+            arrays[f"h{i}"], arrays[f"rows{i}"] = to_numpy(H), np.array(rows, dtype=np.int64)
         for i, (_, hist) in enumerate(ranges):
             arrays[f"act{i}"] = hist.counts
         write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
 
-    def for_run(self, layers: list[Layer], digest: str, model_name: str, calibration: dict | None, xp) -> Captured:
+    def for_run(self, layers: list[Layer], digest: str, model_name: str, calibration: dict | None, xp,
+                where: str | None = None) -> Captured:
         """The Hessians of ``layers`` on ``xp`` (keyed by hessian_key), checked against the run's
-        model and calibration settings (None, or data in memory: not checked).
+        model and its calibration settings (not where either is data in memory).
 
         Raises:
-            UserError: they come from another model or other calibration settings, or lack a layer.
+            UserError: they come from another model or other calibration settings, or lack a
+                layer, or one is damaged (``where`` names them: the file, or the captured value).
         """
-        return _checked(option("hessians") + " (captured)", self.model, self.model_sha256, self.calibration,
-                        self.samples, layers, digest, model_name, calibration,
-                        lambda i, layer: (self.captured.hessians.get(i), self.captured.rows.get(i)),
-                        list(self.captured.hessians), xp, self.captured.ranges)
-
-
-def _checked(where, model, sha, saved_calib, samples, layers, digest, model_name, calibration, read, keys, xp,
-             ranges) -> Captured:
-    """The Captured of ``layers``, each Hessian read by ``read(key repr, layer)`` -> (H, rows)."""
-    again = f"capture them again with {option('save_hessians')}"
-    if digest != sha:
-        raise UserError(f"{where}: captured from another model ({model}), not {model_name}; {again}")
-    if (calibration is not None and saved_calib is not None and "in memory" not in (calibration["source"],
-                                                                                      saved_calib["source"])
-            and calibration != saved_calib):
-        raise UserError(f"{where}: captured with other calibration settings "
-                        f"({option('calibration', saved_calib['source'])}, {samples} samples); "
-                        f"give the same {option('calibration')} options, or {again}")
-    hessians, rows = {}, {}
-    for layer in layers:          # read only the Hessians these layers use
-        key = repr(layer.hessian_key)
-        if key not in keys:
-            raise UserError(f"{where}: has no Hessian for layer {layer.name} (saved with other "
-                            f"{option('exclude')} or {option('op_types')}?); {again}")
-        if layer.hessian_key not in hessians:
-            H, n = read(key, layer)
-            if H is None or H.shape != (layer.groups, layer.cols, layer.cols):
-                raise UserError(f"{where}: damaged (the Hessian of layer {layer.name} is missing or not "
-                                f"{layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
-            hessians[layer.hessian_key], rows[layer.hessian_key] = xp.asarray(H), n
-    return Captured(hessians, rows, samples, ranges=dict(ranges))
+        where = where or option("hessians") + " (captured)"
+        again = f"capture them again with {option('save_hessians')}"
+        if digest != self.model_sha256:
+            raise UserError(f"{where}: captured from another model ({self.model}), not {model_name}; {again}")
+        saved = self.calibration
+        if (calibration is not None and saved is not None and "in memory" not in (calibration["source"],
+                                                                                   saved["source"])
+                and calibration != saved):
+            raise UserError(f"{where}: captured with other calibration settings "
+                            f"({option('calibration', saved['source'])}, {self.samples} samples); "
+                            f"give the same {option('calibration')} options, or {again}")
+        hessians, rows = {}, {}
+        for layer in layers:          # read only the Hessians these layers use
+            key = repr(layer.hessian_key)
+            if key not in self.keys:
+                raise UserError(f"{where}: has no Hessian for layer {layer.name} (saved with other "
+                                f"{option('exclude')} or {option('op_types')}?); {again}")
+            if layer.hessian_key not in hessians:
+                H, n = self.read(key)
+                if H is None or H.shape != (layer.groups, layer.cols, layer.cols):
+                    raise UserError(f"{where}: damaged (the Hessian of layer {layer.name} is missing or not "
+                                    f"{layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
+                hessians[layer.hessian_key], rows[layer.hessian_key] = xp.asarray(H), n
+        return Captured(hessians, rows, self.samples, ranges=dict(self.ranges))
 
 
 def from_file(path: str, layers: list[Layer], digest: str, model_name: str, calibration: dict | None, xp) -> Captured:
@@ -159,9 +160,9 @@ def from_file(path: str, layers: list[Layer], digest: str, model_name: str, cali
         ranges = _ranges(npz, header.get("ranges", []))
         if ranges is None:
             raise UserError(f"{where}: damaged (its activation ranges); {again}")
-        return _checked(where, header["model"], header["model_sha256"], header["calib"], header["samples"],
-                        layers, digest, model_name, calibration, lambda key, layer: _arrays(npz, index[key]),
-                        header["keys"], xp, ranges)
+        saved = Hessians(header["model"], header["model_sha256"], header["calib"], header["samples"],
+                         header["keys"], lambda key: _arrays(npz, index[key]), ranges)
+        return saved.for_run(layers, digest, model_name, calibration, xp, where)
 
 
 def _ranges(npz, listed) -> dict | None:

@@ -178,15 +178,8 @@ def hessian_stage(cfg: QuantizeConfig, loaded: Loaded, calib, device: Device, di
         progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
-            as_saved(captured, loaded.name, digest, described).save(cfg.save_hessians)
+            Hessians.of(captured, os.path.basename(loaded.name), digest, described).save(cfg.save_hessians)
     return captured
-
-
-def as_saved(captured: Captured, model_name: str, digest: str, described: dict | None) -> Hessians:
-    """A capture as a Hessians value, keyed as a file keys them."""
-    keyed = dataclasses.replace(captured, hessians={repr(k): v for k, v in captured.hessians.items()},
-                                rows={repr(k): v for k, v in captured.rows.items()})
-    return Hessians(keyed, os.path.basename(model_name), digest, described)
 
 
 def _activation_scales(cfg: QuantizeConfig, layers: list, captured: Captured) -> tuple[dict, list[str]]:
@@ -307,4 +300,4 @@ def capture_only(cfg: QuantizeConfig, progress: Progress | None = None) -> Hessi
     captured = capture_hessians(loaded.model, loaded.scan.layers, cfg.calib, device, progress.advance,
                                 ranges=cfg.act_bits is not None)
     progress.finish()
-    return as_saved(captured, loaded.name, digest, describe(cfg.calib))
+    return Hessians.of(captured, os.path.basename(loaded.name), digest, describe(cfg.calib))
