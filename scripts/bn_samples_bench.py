@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         reuse = ["--hessians", str(hessians)] if hessians.exists() else ["--save-hessians", str(hessians)]
         cmd = [*default_cli(), "quantize", str(case.model_path()), "--calib", str(calib), *data.calib_args,
                "--bits", str(args.bits), "--format", "fake", "--bn-samples", value, *reuse,
-               "-o", str(model), "--report", str(report), "-q"]
+               "-o", str(model), "--report", str(report), "--overwrite", "-q"]
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - start

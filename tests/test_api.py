@@ -249,3 +249,28 @@ def test_the_batchnorm_bar_has_a_total(tmp_path):
 
     onnxobq.quantize(tmp_path / "bn.onnx", bits=4, calibration={"x": calib}, bn_samples=8, progress=Bars())
     assert seen["batchnorm"] == [32, 32] and seen["calibration"] == [16, 16] and seen["layers"] == [3, 3]
+
+
+def test_what_stays_in_float_is_counted_by_op(tmp_path, capsys):
+    """An LSTM's weights stay in float (as ddddocr's recognizer's do): the report and the summary
+    count them, beside the MatMul that is quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+    r = builders.rng(3)
+    hidden, inputs = 6, 4
+    W = r.standard_normal((1, 4 * hidden, inputs)).astype(np.float32)
+    R = r.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)
+    B = r.standard_normal((1, 8 * hidden)).astype(np.float32)
+    M = r.standard_normal((hidden, 3)).astype(np.float32)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "axes"], ["h"], name="sq"),
+             helper.make_node("MatMul", ["h", "M"], ["out"], name="mm")]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (R, "R"), (B, "B"), (M, "M"))]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    model = builders.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, inputs])],
+                                [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 2, 3])], inits)
+    onnx.save(model, tmp_path / "lstm.onnx")
+    report = onnxobq.quantize(tmp_path / "lstm.onnx", tmp_path / "q.onnx", method="rtn")
+    assert report.weights == {"quantized": M.size, "float": W.size + R.size + B.size,
+                              "float_by_op": {"LSTM": W.size + R.size + B.size}}
+    assert main(["inspect", str(tmp_path / "lstm.onnx")]) == 0
+    assert "parameters: 18 quantized, 288 left in float (94.1%): LSTM 288" in capsys.readouterr().out   # 96 + 144 + 48
