@@ -3,9 +3,12 @@
 
 The peer rows of the recognizer benchmark (``ocr_rec_bench.py``). The script
 
-1. runs ``quant_pre_process`` on the FP32 model (``OUT/ort_pre.onnx``), as
-   onnxruntime recommends before quantizing (needs sympy; with ``auto_merge``,
-   without which its symbolic shape inference gives up on this model);
+1. runs ``quant_pre_process`` on the FP32 model, as onnxruntime recommends
+   before quantizing (needs sympy; with ``auto_merge``, without which its
+   symbolic shape inference gives up on this model), and converts the result
+   to opset ``--opset`` (``OUT/ort_pre.onnx``): the model has opset 12, where
+   per-channel QDQ is not valid ONNX (DequantizeLinear has no ``axis`` before
+   opset 13), yet ``quantize_static`` writes it there for 8-bit types;
 2. quantizes it with ``onnxruntime.quantization.quantize_static`` once per
    configuration of ``--configs`` (QDQ format, per-channel weights, MinMax
    calibration; output ``OUT/NAME.onnx``), calibrated on exactly the lines
@@ -39,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
@@ -77,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated configurations (default: all of {', '.join(CONFIGS)})")
     p.add_argument("--lines", type=int, default=200, help="lines per evaluation set (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation sets (default 0)")
+    p.add_argument("--opset", type=int, default=21,
+                   help="convert the pre-processed model to this opset (default 21; 0: keep its own, 12)")
     p.add_argument("--fp32", action="store_true", help="also evaluate the FP32 model")
     p.add_argument("--json", type=Path, help="also write the results (and predictions) to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = ppocr.rapidocr_model(ppocr.REC_MODEL)
     pre = args.out / "ort_pre.onnx"
     quant_pre_process(str(fp32), str(pre), auto_merge=True)
+    if args.opset:
+        onnx.save(onnx.version_converter.convert_version(onnx.load(pre), args.opset), pre)
     models = [{"name": "fp32", "path": str(fp32)}] if args.fp32 else []
     models += [quantize(name, pre, calib, args.out) for name in names]
     failed = any("error" in m for m in models)
@@ -167,16 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     data = {s: textlines.make_lines(args.lines, args.seed, "eval", hard=s == "hard") for s in ("clean", "hard")}
     meta = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_modelmeta()
     charset = ppocr.charset_from_metadata(meta.custom_metadata_map)
-    runnable = [m for m in models if "error" not in m]
-    rows, eval_failed = ocr_rec_bench.evaluate_models(runnable, data, charset, args.threads)
-    rows += [m for m in models if "error" in m]
+    done, eval_failed = ocr_rec_bench.evaluate_models([m for m in models if "error" not in m],
+                                                      data, charset, args.threads)
+    rows = [next((r for r in done if r["name"] == m["name"]), m) for m in models]
     print()
     ocr_rec_bench.print_table(rows, list(data))
-    print(f"\n{args.lines} lines per set, seed {args.seed}; reproduce with:\n$ {command}")
+    print(f"\n{args.lines} lines per set, seed {args.seed}, opset {args.opset or 'of the model'}; "
+          f"reproduce with:\n$ {command}")
 
     if args.json:
         report = {"benchmark": "ppocrv4_rec_ort_static", "command": command, "lines": args.lines,
-                  "seed": args.seed, "calib": str(calib), "python": platform.python_version(),
+                  "seed": args.seed, "opset": args.opset, "calib": str(calib), "python": platform.python_version(),
                   "onnxruntime": ort.__version__, "models": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
