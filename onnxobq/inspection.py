@@ -90,13 +90,14 @@ def inspect_model(model) -> Inspection:
     return Inspection(name, inputs, records, float_weights(scan, {l.weight for l in scan.layers}), notes)
 
 
-def float_weights(scan, quantized: set) -> dict:
-    """Parameter counts of a scan: those in ``quantized`` weights, and the rest by the op that reads them."""
+def float_weights(scan, quantized: set, dropped: set = frozenset()) -> dict:
+    """Parameter counts of a scan: those in ``quantized`` weights, and the rest by the op that reads
+    them, leaving out the ``dropped`` ones (the parameters of BatchNorms folded into a Conv)."""
     by_op: Counter = Counter()
     done = 0
     for name, (op, size) in scan.constants.items():
         if name in quantized:
             done += size
-        else:
+        elif name not in dropped:
             by_op[op] += size
     return {"quantized": done, "float": sum(by_op.values()), "float_by_op": dict(by_op.most_common())}

@@ -104,7 +104,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
                     activations=_activation_summary(cfg, act_layers, act_scales, sorted(act_skip)),
                     notes=loaded.notes + act_notes + unmatched_notes(cfg, loaded.found, loaded.scan),
                     model=loaded.name, model_sha256=digest, calibration=describe(cfg.calib),
-                    weights=_weights(loaded, kept), versions=versions(),
+                    weights=_weights(loaded, kept, outcome.edits if outcome.kept else ()), versions=versions(),
                     quantized_model=None if cfg.output else out)
     if cfg.report:
         try:
@@ -284,9 +284,11 @@ def _bn_summary(outcome: BNOutcome, cfg: QuantizeConfig) -> dict:
             "notes": outcome.notes}
 
 
-def _weights(loaded: Loaded, qlayers: list) -> dict:
-    """Parameter counts: quantized, and left in float by the op that reads them."""
-    return float_weights(loaded.found, {q.layer.weight for q in qlayers})
+def _weights(loaded: Loaded, qlayers: list, edits: tuple) -> dict:
+    """Parameter counts of the model written: quantized, and left in float by the op that reads
+    them (a BatchNorm folded into its Conv is gone)."""
+    folded = {name for edit in edits if edit.fold_into is not None for name in edit.params}
+    return float_weights(loaded.found, {q.layer.weight for q in qlayers}, folded)
 
 
 def capture_only(cfg: QuantizeConfig, progress: Progress | None = None) -> Hessians:

@@ -246,9 +246,11 @@ class BNEdit:
         output: the BN node's output tensor (identifies the node).
         mean, var: the re-estimated statistics.
         fold_into: output tensor of the Conv it is folded into, or None to keep the node.
+        params: the names of the node's parameter tensors (gone from the model where it is folded).
     """
 
     output: str
     mean: np.ndarray
     var: np.ndarray
     fold_into: str | None = None
+    params: tuple[str, ...] = ()

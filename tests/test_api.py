@@ -274,3 +274,14 @@ def test_what_stays_in_float_is_counted_by_op(tmp_path, capsys):
                               "float_by_op": {"LSTM": W.size + R.size + B.size}}
     assert main(["inspect", str(tmp_path / "lstm.onnx")]) == 0
     assert "parameters: 18 quantized, 288 left in float (94.1%): LSTM 288" in capsys.readouterr().out   # 96 + 144 + 48
+
+
+def test_batchnorms_folded_into_their_convs_no_longer_count_as_float(tmp_path):
+    calib = builders.rng(1).standard_normal((16, 4, 10, 10)).astype(np.float32)
+    onnx.save(builders.bn_net(calib=calib), tmp_path / "bn.onnx")
+    quantized = 16 * 4 * 9 + 16 * 16 * 9 + 6 * 16
+    kept = onnxobq.quantize(tmp_path / "bn.onnx", bits=4, calibration={"x": calib})
+    assert kept.bn["kept"] and kept.bn["folded"] == 2
+    assert kept.weights == {"quantized": quantized, "float": 0, "float_by_op": {}}
+    plain = onnxobq.quantize(tmp_path / "bn.onnx", bits=4, calibration={"x": calib}, bn_reestimate=False)
+    assert plain.weights == {"quantized": quantized, "float": 2 * 4 * 16, "float_by_op": {"BatchNormalization": 128}}

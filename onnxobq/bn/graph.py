@@ -28,6 +28,7 @@ class BNNode:
     var: np.ndarray
     dtype: np.dtype
     conv: str | None  # output tensor of the quantized Conv it directly follows, if any
+    params: tuple[str, ...] = ()   # the names of its scale, bias, mean and variance tensors
 
 
 def fixed_conv(tensors: dict, layer) -> str | None:
@@ -58,7 +59,8 @@ def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer], fixed: dict) -
         follows = x.name in convs and len(x.outputs) == 1 and x.name not in outputs
         values = [np.asarray(h.values, np.float64).reshape(-1) for h in holders]
         found.append(BNNode(x.name, node.outputs[0].name, float(node.attrs.get("epsilon", 1e-5)),
-                            *values, np.dtype(holders[0].values.dtype), x.name if follows else None))
+                            *values, np.dtype(holders[0].values.dtype), x.name if follows else None,
+                            tuple(t.name for t in node.inputs[1:5])))
     return found
 
 

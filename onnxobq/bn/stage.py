@@ -154,5 +154,5 @@ def _updates(graph, bns, targets, fp_m, q_m, cfg: BNConfig, qlayers):
             else:
                 new[bn.conv], fold_into = done, bn.conv
                 folded += 1
-        edits.append(BNEdit(bn.output, mean, var, fold_into))
+        edits.append(BNEdit(bn.output, mean, var, fold_into, bn.params))
     return [new[q.layer.output] for q in qlayers], tuple(edits), folded, notes
