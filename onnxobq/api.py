@@ -10,8 +10,8 @@ import os
 from dataclasses import asdict
 from inspect import signature
 
-from .config import (DEFAULT_BN_SAMPLES, IMAGE_KEYS, IMAGE_PRESETS, BNConfig, CalibConfig, ImageOptions,
-                     QuantizeConfig, SolveConfig, check, choose, whole)
+from .config import (DEFAULT_BN_SAMPLES, DEVICES, IMAGE_KEYS, IMAGE_PRESETS, RESIZES, BNConfig, CalibConfig,
+                     ImageOptions, QuantizeConfig, SolveConfig, check, choose, whole)
 from .errors import UserError, option
 from .quant import GridSpec
 from .solvers import METHODS, ORDERS, Damping
@@ -145,7 +145,8 @@ def capture(model, calibration, *, samples: int | None = None, batch_size: int =
     cfg = quantize_config({**QUANTIZE_DEFAULTS, "model": model, "calibration": calibration, "samples": samples,
                            "batch_size": batch_size, "preprocess": preprocess, "input_shapes": input_shapes,
                            "seed": seed, "exclude": exclude, "op_types": op_types, "device": device,
-                           "precision": precision, "bn_reestimate": False, "act_bits": 8 if act_ranges else None})
+                           "precision": precision, "bn_reestimate": False, "act_bits": 8 if act_ranges else None,
+                           "format": "fake"})      # "fake": the model's own opset (the Hessians do not depend on it)
     if cfg.calib is None:
         raise UserError(f"{option('calibration')}: give the data to capture on, e.g. "
                         f"{option('calibration', 'images/')} or {option('calibration', 'random')}")
@@ -188,7 +189,7 @@ def compare(float_model, quant_model, calibration, *, samples: int | None = None
     if calib is None:
         raise UserError(f"{option('calibration')}: give the data to compare on, e.g. "
                         f"{option('calibration', 'images/')} or {option('calibration', 'random')}")
-    choose("device", device, ("auto", "cpu", "cuda"))
+    choose("device", device, DEVICES)
     from .backend import Device, usable_cores
     from .agreement import compare_models
     if progress:
@@ -226,7 +227,8 @@ def quantize_config(args: dict) -> QuantizeConfig:
         bn=BNConfig(reestimate=a["bn_reestimate"], mode=a["bn_mode"], fold=a["bn_fold"],
                     correct_folded=a["bn_correct"], samples=a["bn_samples"]),
         device=a["device"], exclude=_globs(a["exclude"]), op_types=tuple(dict.fromkeys(_globs(a["op_types"]))),
-        layer_bits=_pairs(a["layer_bits"]), layer_group_size=_pairs(a["layer_group_size"]),
+        layer_bits=_pairs(a["layer_bits"], "layer_bits"),
+        layer_group_size=_pairs(a["layer_group_size"], "layer_group_size"),
         report=path(a["report"]),
         hessians=path(a["hessians"]) if isinstance(a["hessians"], (str, os.PathLike)) else a["hessians"],
         save_hessians=path(a["save_hessians"]), act_bits=a["act_bits"], act_calib=a["act_calib"],
@@ -249,7 +251,7 @@ def calibration_config(calibration, samples=None, batch_size=8, preprocess=None,
     if samples is not None:
         whole("samples", samples, 1)
     whole("batch_size", batch_size, 1)
-    whole("seed", seed, -2 ** 63)
+    whole("seed", seed, 0)
     source = os.fspath(calibration) if isinstance(calibration, os.PathLike) else in_memory(calibration)
     return CalibConfig(source=source, samples=samples, batch_size=batch_size, image=image,
                        shapes=_shapes(input_shapes or {}), seed=seed, given=tuple(given))
@@ -284,7 +286,7 @@ def _image_options(preprocess, given: list) -> ImageOptions:
 
 def _check_image_values(options: dict) -> None:
     """Refuse image option values out of their ranges or choices."""
-    for name, choices in (("resize", ("stretch", "letterbox", "crop")), ("pad_align", ("center", "topleft")),
+    for name, choices in (("resize", RESIZES), ("pad_align", ("center", "topleft")),
                           ("channel_order", ("rgb", "bgr")), ("layout", ("nchw", "nhwc", None))):
         if name in options:
             choose(name, options[name], choices)
@@ -314,7 +316,7 @@ def _shapes(input_shapes: dict) -> dict:
     """{input name: dims}, each a tuple of positive ints."""
     out = {}
     for name, dims in dict(input_shapes).items():
-        dims = tuple(dims)
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
         if not name or not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             example = (name or "x") + "=1x3x224x224"
             raise UserError(f"{option('input_shapes', f'{name}={dims}')}: give positive sizes, e.g. "
@@ -327,8 +329,12 @@ def _globs(values) -> tuple:
     return (values,) if isinstance(values, str) else tuple(values)
 
 
-def _pairs(values) -> tuple:
-    return tuple((str(g), n) for g, n in (values.items() if isinstance(values, dict) else values))
+def _pairs(values, name: str) -> tuple:
+    """(glob, value) pairs from a dict or pairs."""
+    items = list(values.items()) if isinstance(values, dict) else list(values) if not isinstance(values, str) else None
+    if items is None or not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+        raise UserError(f"{option(name)}: give a dict {{glob: value}} or (glob, value) pairs, e.g. {{'conv1': 8}}")
+    return tuple((str(g), n) for g, n in items)
 
 
 def _check_files(cfg: QuantizeConfig) -> None:

@@ -43,20 +43,24 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(entry) -> bool:
+        """Queue ``entry`` unless the consumer has stopped (False then)."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((done, None))
+            put((done, None))
         except BaseException as exc:  # handed to the consumer, which raises it
-            q.put((done, exc))
+            put((done, exc))
 
     worker = threading.Thread(target=in_context(produce), name="onnxobq-capture", daemon=True)
     worker.start()

@@ -7,6 +7,7 @@ pipeline passes the config down. A leaf: nothing here reads a file or a model.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from .errors import UserError, option
@@ -304,12 +305,13 @@ def choose(name: str, value, choices) -> None:
 
 def whole(name: str, value, low: int, high: int | None = None, prefix: str = "") -> None:
     """Refuse a value that is not a whole number from ``low`` to ``high`` (None: no bound)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
         bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
         raise UserError(f"{option(name, f'{prefix}{value}')}: give a whole number {bounds}")
 
 
 def positive(name: str, value) -> None:
     """Refuse a value that is not a finite number above 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{option(name, value)}: give a finite number above 0")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+# Python parameters that take a dict; a value "key=..." names one entry.
+_KEYED = ("input_shapes", "layer_bits", "layer_group_size")
 # The flag of each Python parameter while the command line runs (None: Python's own names).
 _FLAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("onnxobq_flags", default=None)
 
@@ -27,6 +29,9 @@ def option(name: str, value=None) -> str:
     its value) on the command line. A boolean's other flag (``symmetric=False`` is
     ``--asymmetric``) is looked up whole first."""
     flags = _FLAGS.get()
+    if flags is None and name in _KEYED and isinstance(value, str) and "=" in value:
+        key, _, rest = value.partition("=")       # an entry of a dict: input_shapes['x']=1x3x?x?
+        return f"{name}[{key!r}]={rest}"
     if flags is None:
         return name if value is None else f"{name}={value}"
     if value is not None and f"{name}={value}" in flags:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .backend import to_numpy
+from .backend import is_cupy, to_numpy
 from .errors import UserError, cannot_read, option
 from .files import write_atomically
 from .graph.io import external_data_files
@@ -103,8 +103,8 @@ class Hessians:
             UserError: they come from another model or other calibration settings, or lack a
                 layer, or one is damaged (``where`` names them: the file, or the captured value).
         """
+        again = f"capture them again with {option('save_hessians') if where else 'onnxobq.capture'}"
         where = where or option("hessians") + " (captured)"
-        again = f"capture them again with {option('save_hessians')}"
         if digest != self.model_sha256:
             raise UserError(f"{where}: captured from another model ({self.model}), not {model_name}; {again}")
         saved = self.calibration
@@ -125,6 +125,7 @@ class Hessians:
                 if H is None or H.shape != (layer.groups, layer.cols, layer.cols):
                     raise UserError(f"{where}: damaged (the Hessian of layer {layer.name} is missing or not "
                                     f"{layer.groups} x {layer.cols} x {layer.cols} floats); {again}")
+                H = H if is_cupy(xp) else to_numpy(H)     # captured on a GPU, solved on the CPU
                 hessians[layer.hessian_key], rows[layer.hessian_key] = xp.asarray(H), n
         return Captured(hessians, rows, self.samples, ranges=dict(self.ranges))
 

@@ -24,7 +24,6 @@ from .config import QuantizeConfig
 from .errors import UserError, option
 from .export import build_model, model_opset, prepare_opset, storage_type
 from .graph import load, save_model, scan_folded
-from .graph.io import uses_external_data
 from .hessians import Hessians, from_file, model_digest
 from .inspection import float_weights
 from .quant.activations import activation_scales
@@ -76,7 +75,8 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
     # BatchNorm's four passes replay the batches that the first pass read, where they fit
     calib = (Replay(cfg.calib, device.tuning.replay_bytes) if cfg.calib is not None and cfg.bn.reestimate
              else cfg.calib)
-    captured = hessian_stage(cfg, loaded, calib, device, digest, stages, progress)
+    described = describe(cfg.calib)
+    captured = hessian_stage(cfg, loaded, calib, device, digest, described, stages, progress)
     act_skip = float_inputs(cfg, loaded.scan.layers)
     act_layers = [use for layer in loaded.scan.layers for use in layer.each_use() if use.name not in act_skip]
     act_scales, act_notes = _activation_scales(cfg, act_layers, captured)
@@ -85,17 +85,14 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
     opset = model_opset(loaded.model)
     outcome = BNOutcome(qlayers=qlayers)
     if cfg.bn.reestimate and cfg.calib is not None:
-        with _stage(stages, "bn"):
-            progress.start("batchnorm", _bn_planned(cfg, calib, loaded))
+        with _stage(stages, "bn"), _bar(progress, "batchnorm", _bn_planned(cfg, calib, loaded)):
             outcome = reestimate(loaded.model, qlayers, cfg.bn, calib, opset, cfg.solve.grid.symmetric, device,
                                  progress.advance)
-            progress.finish()
     kept = outcome.qlayers if outcome.kept else qlayers
     with _stage(stages, "export"):
         out = build_model(loaded.model, kept, cfg.format, opset, cfg.solve.grid.symmetric,
                           outcome.edits if outcome.kept else (), act_scales, act_skip)
-        if cfg.calib is not None:          # compare warns where it is given this same data
-            out.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(describe(cfg.calib)))
+        _record(out, CALIBRATION_KEY, described)   # compare warns where it is given this same data
         written = save_model(out, cfg.output, external=True if loaded.external else None) if cfg.output else []
     report = Report(settings=_settings(cfg, opset, loaded.name), layers=stats, skipped=loaded.scan.skipped,
                     stages=stages, samples=captured.samples, device=device.name,
@@ -103,7 +100,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
                     bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
                     activations=_activation_summary(cfg, act_layers, act_scales, sorted(act_skip)),
                     notes=loaded.notes + act_notes + unmatched_notes(cfg, loaded.found, loaded.scan),
-                    model=loaded.name, model_sha256=digest, calibration=describe(cfg.calib),
+                    model=loaded.name, model_sha256=digest, calibration=described,
                     weights=_weights(loaded, kept, outcome.edits if outcome.kept else ()), versions=versions(),
                     quantized_model=None if cfg.output else out)
     if cfg.report:
@@ -120,20 +117,20 @@ def load_stage(cfg: QuantizeConfig) -> Loaded:
     """Load the model, fold computed weights, scan its layers, convert it to the output's opset
     (INT4 storage at 4 bits and below where the output can have it), and check what the run needs."""
     model, name, files = load(cfg.model)
-    folded, found, notes = scan_folded(model)
-    scan = exclude(found, cfg.exclude, cfg.op_types)
-    grouped = grouping_option(cfg, scan) if cfg.format == "qdq" and cfg.grouped else ""
-    int4 = (cfg.format == "qdq" and cfg.act_bits is None and cfg.opset is None
-            and any(layer_grid(layer, cfg).bits <= 4 for layer in scan.layers))
+    # which layers get groups or 4 bits and below decides the opset: scan first where settings differ by layer
+    first = scan_folded(model) if (cfg.format == "qdq" and cfg.grouped) or cfg.layer_bits else None
+    layers = exclude(first[1], cfg.exclude, cfg.op_types).layers if first else []
+    grouped = grouping_option(cfg, layers) if cfg.format == "qdq" and cfg.grouped else ""
+    small = any(layer_grid(layer, cfg).bits <= 4 for layer in layers) if first else cfg.solve.grid.bits <= 4
     converted, opset_note = prepare_opset(model, cfg.format, cfg.opset, activations=cfg.act_bits is not None,
-                                          grouped=grouped, int4=int4)
-    if converted is not model:
-        folded, found, notes = scan_folded(converted)
-        scan = exclude(found, cfg.exclude, cfg.op_types)
+                                          grouped=grouped, int4=small and cfg.format == "qdq"
+                                          and cfg.act_bits is None and cfg.opset is None)
+    folded, found, notes = first if first and converted is model else scan_folded(converted)
+    scan = exclude(found, cfg.exclude, cfg.op_types)
     check_layers(cfg, scan, name)
     check_data(cfg)
-    external = bool(files) and uses_external_data(onnx.load(files[0], load_external_data=False))
-    return Loaded(folded, name, files, found, scan, notes + ([opset_note] if opset_note else []), external)
+    # files: the model's own, then the external data files its tensors name
+    return Loaded(folded, name, files, found, scan, notes + ([opset_note] if opset_note else []), len(files) > 1)
 
 
 def check_data(cfg: QuantizeConfig) -> None:
@@ -157,12 +154,12 @@ def check_data(cfg: QuantizeConfig) -> None:
         source_kind(cfg.calib)      # options for another kind of source fail now, not after a hessians solve
 
 
-def hessian_stage(cfg: QuantizeConfig, loaded: Loaded, calib, device: Device, digest: str, stages: dict,
-                  progress: Progress) -> Captured:
+def hessian_stage(cfg: QuantizeConfig, loaded: Loaded, calib, device: Device, digest: str, described: dict | None,
+                  stages: dict, progress: Progress) -> Captured:
     """The Hessians (and activation ranges) the run uses: given, loaded from a file, or captured.
     A method that uses no Hessian (RTN) captures only the activation ranges where act_bits
     needs them, and nothing otherwise."""
-    layers, described = loaded.scan.layers, describe(cfg.calib)
+    layers = loaded.scan.layers
     if isinstance(cfg.hessians, Hessians):
         return cfg.hessians.for_run(layers, digest, loaded.name, described, device.xp)
     if cfg.hessians is not None:
@@ -171,11 +168,9 @@ def hessian_stage(cfg: QuantizeConfig, loaded: Loaded, calib, device: Device, di
     sums = METHODS[cfg.solve.method].uses_hessian or cfg.save_hessians is not None
     if cfg.calib is None or not (sums or cfg.act_bits is not None):
         return Captured({}, {}, 0)
-    with _stage(stages, "capture"):
-        progress.start("calibration", _planned(cfg.calib, loaded.model))
+    with _stage(stages, "capture"), _bar(progress, "calibration", _planned(cfg.calib, loaded.model)):
         captured = capture_hessians(loaded.model, layers, calib, device, progress.advance,
                                     ranges=cfg.act_bits is not None, sums=sums)
-        progress.finish()
     if cfg.save_hessians is not None:
         with _stage(stages, "save_hessians"):
             Hessians.of(captured, os.path.basename(loaded.name), digest, described).save(cfg.save_hessians)
@@ -188,10 +183,12 @@ def _activation_scales(cfg: QuantizeConfig, layers: list, captured: Captured) ->
         return {}, []
     needed = list(dict.fromkeys(use.input for layer in layers for use in layer.each_use()))
     if set(needed) - set(captured.ranges):     # Hessians saved without act_bits
-        given = cfg.hessians if isinstance(cfg.hessians, str) else "(captured)"
-        raise UserError(f"{option('hessians', given)}: saved without the activation ranges that "
-                        f"{option('act_bits')} needs; capture them again with {option('act_bits')} and "
-                        f"{option('save_hessians')}")
+        if isinstance(cfg.hessians, str):
+            raise UserError(f"{option('hessians', cfg.hessians)}: saved without the activation ranges that "
+                            f"{option('act_bits')} needs; capture them again with {option('act_bits')} and "
+                            f"{option('save_hessians')}")
+        raise UserError(f"{option('hessians')} (captured): captured without the activation ranges that "
+                        f"{option('act_bits')} needs; capture them again with onnxobq.capture(..., act_ranges=True)")
     return activation_scales({name: captured.ranges[name] for name in needed}, cfg.act_bits,
                              cfg.activation_calibration)
 
@@ -219,6 +216,26 @@ def _bn_planned(cfg: QuantizeConfig, calib, loaded: Loaded) -> int | None:
     except UserError:
         return None
     return None if n is None else PASSES * n
+
+
+@contextmanager
+def _bar(progress: Progress, what: str, total: int | None):
+    """A progress bar for the block, finished however the block ends."""
+    progress.start(what, total)
+    try:
+        yield
+    finally:
+        progress.finish()
+
+
+def _record(model: onnx.ModelProto, key: str, value) -> None:
+    """Set one metadata entry of the model written (as JSON; none for None), replacing the one it
+    has from its input (a model quantized again)."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if value is not None:
+        model.metadata_props.add(key=key, value=json.dumps(value))
 
 
 @contextmanager
@@ -297,9 +314,6 @@ def capture_only(cfg: QuantizeConfig, progress: Progress | None = None) -> Hessi
     loaded = load_stage(cfg)
     device = choose_device(cfg.device, cfg.solve.precision)
     digest = model_digest(cfg.model if isinstance(cfg.model, onnx.ModelProto) else loaded.name)
-    progress = progress or Progress()
-    progress.start("calibration", _planned(cfg.calib, loaded.model))
-    captured = capture_hessians(loaded.model, loaded.scan.layers, cfg.calib, device, progress.advance,
-                                ranges=cfg.act_bits is not None)
-    progress.finish()
-    return Hessians.of(captured, os.path.basename(loaded.name), digest, describe(cfg.calib))
+    described = describe(cfg.calib)
+    captured = hessian_stage(cfg, loaded, cfg.calib, device, digest, described, {}, progress or Progress())
+    return Hessians.of(captured, os.path.basename(loaded.name), digest, described)

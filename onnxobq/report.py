@@ -161,8 +161,9 @@ def summary_lines(report: Report) -> list[str]:
     """A few lines after the table: totals, BN, times, memory, outputs."""
     errs = [s.error for s in report.layers if s.error is not None]
     rtn = [s.rtn_error for s in report.layers if s.rtn_error is not None]
+    captured = f"{report.samples} calibration samples" if report.samples else "no Hessians captured"
     out = [f"quantized {len(report.layers)} layer{'s' * (len(report.layers) != 1)}, left {len(report.skipped)} in float; "
-           f"{report.samples} calibration samples; device {report.device}"]
+           f"{captured}; device {report.device}"]
     if report.weights:
         out.append(weights_line(report.weights))
     if errs:

@@ -60,10 +60,10 @@ def layer_grid(layer: Layer, cfg: QuantizeConfig) -> GridSpec:
     return replace(cfg.solve.grid, bits=bits, group_size=group)
 
 
-def grouping_option(cfg: QuantizeConfig, scan: LayerScan) -> str:
-    """The option that gives some layer of ``scan`` a scale per group of inputs ("" if none):
-    only then does QDQ need opset 21."""
-    grouped = [layer for layer in scan.layers if layer_grid(layer, cfg).group_size]
+def grouping_option(cfg: QuantizeConfig, layers: list[Layer]) -> str:
+    """The option that gives one of ``layers`` a scale per group of inputs ("" if none): only then
+    does QDQ need opset 21."""
+    grouped = [layer for layer in layers if layer_grid(layer, cfg).group_size]
     if not grouped:
         return ""
     from_default = any(not any(matches(layer, g) for g, _ in cfg.layer_group_size) for layer in grouped)

@@ -11,6 +11,7 @@ import pytest
 
 import onnxobq
 from onnxobq.cli import main
+from onnxobq.report import summary_lines
 
 import builders
 
@@ -133,7 +134,7 @@ def test_a_one_shot_iterator_too_big_to_keep_is_a_clear_error(stack, monkeypatch
     (dict(calibration=[1, 2]), "calibration (in memory): item 0 is a int, not a dict of arrays keyed by input name"),
     (dict(calibration=3.5), "calibration: a float is not calibration data"),
     (dict(damp=float("nan"), calibration="random"), "damp=nan: give a finite number above 0"),
-    (dict(layer_bits={"conv1": 1}, calibration="random"), "layer_bits=conv1=1: give a whole number from 2 to 8"),
+    (dict(layer_bits={"conv1": 1}, calibration="random"), "layer_bits['conv1']=1: give a whole number from 2 to 8"),
 ])
 def test_errors_name_the_python_parameter(stack, kwargs, message):
     model, _, _ = stack
@@ -176,7 +177,7 @@ def test_hessians_of_another_model_are_refused(stack, tmp_path):
     h = onnxobq.capture(model, calib)
     onnx.save(builders.conv_stack(seed=1), tmp_path / "other.onnx")
     with pytest.raises(onnxobq.UserError, match=r"^hessians \(captured\): captured from another model \(m.onnx\), not "
-                       r".*other.onnx; capture them again with save_hessians$"):
+                       r".*other.onnx; capture them again with onnxobq.capture$"):
         onnxobq.quantize(tmp_path / "other.onnx", calibration=calib, hessians=h)
 
 
@@ -285,3 +286,36 @@ def test_batchnorms_folded_into_their_convs_no_longer_count_as_float(tmp_path):
     assert kept.weights == {"quantized": quantized, "float": 0, "float_by_op": {}}
     plain = onnxobq.quantize(tmp_path / "bn.onnx", bits=4, calibration={"x": calib}, bn_reestimate=False)
     assert plain.weights == {"quantized": quantized, "float": 2 * 4 * 16, "float_by_op": {"BatchNormalization": 128}}
+
+
+def test_rtn_runs_batchnorm_on_bn_samples_of_data_in_memory(stack):
+    """With no capture to read it first, the BatchNorm passes still spread bn_samples over an
+    iterable of unknown length (one pass reads it, kept in memory)."""
+    model, _, x = stack
+    report = onnxobq.quantize(model, method="rtn", calibration=[{"x": x[i:i + 4]} for i in range(0, 16, 4)],
+                              bn_samples=8)
+    assert report.bn["samples"] == 8 and report.samples == 0
+    assert "no Hessians captured" in summary_lines(report)[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(calibration="random", seed=-1), "seed=-1: give a whole number of 0 or more"),
+    (dict(method="rtn", layer_bits="conv1=4"), "layer_bits: give a dict {glob: value} or (glob, value) pairs"),
+    (dict(calibration="random", input_shapes={"x": 5}), "input_shapes['x']=5: input 'x' has rank 4"),
+])
+def test_odd_arguments_are_one_line_errors(stack, kwargs, message):
+    model, _, _ = stack
+    with pytest.raises(onnxobq.UserError) as err:
+        onnxobq.quantize(model, **kwargs)
+    assert str(err.value).startswith(message), str(err.value)
+    with pytest.raises(onnxobq.UserError, match=r"^model: a int is not a model; give the path of an .onnx file"):
+        onnxobq.quantize(5, method="rtn")
+    assert onnxobq.quantize(model, method="rtn", bits=np.int64(4)).layers[0].bits == 4
+
+
+def test_quantizing_an_onnxobq_output_again_keeps_one_calibration_record(stack, tmp_path):
+    model, calib, _ = stack
+    onnxobq.quantize(model, tmp_path / "fake.onnx", bits=6, calibration=calib, format="fake")
+    again = onnxobq.quantize(tmp_path / "fake.onnx", tmp_path / "again.onnx", bits=6, calibration="random")
+    keys = [p.key for p in onnx.load(tmp_path / "again.onnx").metadata_props]
+    assert keys.count("onnxobq.calibration") == 1 and again.calibration["source"] == "random"

@@ -132,6 +132,10 @@ def spread(calib: "CalibConfig | Replay", samples: int | None, inputs: list[Inpu
     fixed = any(s.fixed_batch is not None for s in inputs)
     bs = batch_size_for(cfg, inputs)
     kept = calib.kept(inputs) if isinstance(calib, Replay) else None
+    if kept is None and isinstance(calib, Replay) and samples is not None and _source_samples(cfg, inputs) is None:
+        for _ in calib.batches(inputs):      # data in memory of unknown length: one pass, kept where it fits
+            pass
+        kept = calib.kept(inputs)
     if kept is not None:
         positions = [at for at_batch, _ in kept for at in at_batch]            # what the capture used
     else:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import glob
 import math
 import os
-from typing import Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -348,10 +349,8 @@ def in_memory(data):
         return data
     if hasattr(data, "get_next"):
         return data if hasattr(data, "rewind") else OneShot(data)
-    try:
-        one_shot = iter(data) is data
-    except TypeError:
+    if not isinstance(data, Iterable):
         raise UserError(f"{option('calibration')}: a {type(data).__name__} is not calibration data; give a path, "
                         "'random', a dict of arrays keyed by input name, an iterable of such dicts, or a reader "
-                        "with get_next()") from None
-    return OneShot(data) if one_shot else data
+                        "with get_next()")
+    return OneShot(data) if isinstance(data, Iterator) else data

@@ -1,7 +1,7 @@
 """Everything that reads or edits ONNX graphs: load/save and the layer scan."""
 from .fold import fold_weights, scan_folded
-from .io import load, load_model, save_model, stored_externally, uses_external_data
+from .io import load, load_model, save_model, uses_external_data
 from .layers import scan_layers, weight_values
 
-__all__ = ["fold_weights", "scan_folded", "load", "load_model", "save_model", "stored_externally",
+__all__ = ["fold_weights", "scan_folded", "load", "load_model", "save_model",
            "uses_external_data", "scan_layers", "weight_values"]

@@ -19,11 +19,6 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def stored_externally(path: str) -> bool:
-    """True when the model file keeps any weight in an external data file."""
-    return uses_external_data(onnx.load(path, load_external_data=False))
-
-
 def load(model) -> tuple[onnx.ModelProto, str, list[str]]:
     """The model to quantize, how messages name it, and its files (none for one in memory).
 
@@ -44,6 +39,9 @@ def load(model) -> tuple[onnx.ModelProto, str, list[str]]:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{option('model')}: the model fails onnx.checker ({first}); fix the export") from None
         return model, option("model") + " (in memory)", []
+    if not isinstance(model, (str, os.PathLike)):
+        raise UserError(f"{option('model')}: a {type(model).__name__} is not a model; give the path of an .onnx "
+                        "file or an onnx.ModelProto")
     path = os.fspath(model)
     return load_model(path), path, [path, *external_data_files(path)]
 
