@@ -13,6 +13,7 @@ from .errors import UserError, option
 from .graph.io import load
 from .metrics import OutputAgreement
 from .runtime import model_inputs, run, side_by_side, side_sessions
+from .types import fmt_shape
 
 # The metadata key under which a quantized model records its calibration data (calibration.describe).
 CALIBRATION_KEY = "onnxobq.calibration"
@@ -120,7 +121,7 @@ def _shown(described: dict) -> str:
 
 
 def _described(inputs) -> str:
-    return ", ".join(f"{i.name} [{', '.join('?' if d is None else str(d) for d in i.shape)}] {i.dtype}" for i in inputs)
+    return ", ".join(f"{i.name} {fmt_shape(i.shape)} {i.dtype}" for i in inputs)
 
 
 def _np_type(value_info) -> np.dtype:

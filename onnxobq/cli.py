@@ -1,7 +1,8 @@
 """Command line: ``onnxobq quantize | inspect | compare``. Flags -> the Python API -> bars and tables.
 
-Every check and every default is the API's; here the flags are parsed into its arguments, its
-messages are spelled with the flags (FLAGS), and its results are shown.
+click parses each flag into the API's argument (a flag of the wrong type fails there, in click's
+words); every rule about the settings, the files and the data is the API's, its messages spelled
+with the flags (FLAGS); the results are shown as tables and a summary.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .pipeline import Progress
 from .quant.activations import ACT_BITS, ACT_CALIBRATIONS, PERCENTILE
 from .report import layer_table, summary_lines, weights_line
 from .solvers import METHODS, ORDERS
-from .types import QUANTIZABLE_OPS as OP_TYPES
+from .types import QUANTIZABLE_OPS as OP_TYPES, fmt_shape
 
 METHOD_NAMES = tuple(sorted(METHODS))
 # The flag of each Python parameter, for the API's messages (errors.option); a boolean's other
@@ -378,16 +379,12 @@ def inspect(model, as_json):
     click.echo(f"\n{len(found.quantizable)} quantizable layers (" + ", ".join(f"{n} {op}" for op, n in by_op.items())
                + f"), {params:,} weights; {len(found.skipped)} left in float")
     click.echo(weights_line(found.weights))
-    click.echo("inputs: " + "; ".join(f"{i.name} {_dims(i.shape)} {i.dtype}" for i in found.inputs)
+    click.echo("inputs: " + "; ".join(f"{i.name} {fmt_shape(i.shape)} {i.dtype}" for i in found.inputs)
                + " (give --size or --input-shape for a dynamic ?)" * any(None in i.shape for i in found.inputs))
     for s in found.skipped:
         click.echo(f"skipped: {s.name} ({s.op}): {s.reason}")
     for note in found.notes:
         click.echo(f"note: {note}")
-
-
-def _dims(shape) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _table(rows) -> str:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from .backend import Device
 from .errors import UserError, in_context
 from .graph.io import serialized, tensor_bytes
-from .types import InputSpec
+from .types import InputSpec, fmt_shape
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -157,11 +157,7 @@ def _feed_mismatch(sess, feed: dict) -> str | None:
                 return f"no data for input '{spec.name}'"
             want = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
             if len(want) != a.ndim or any(w is not None and w != g for w, g in zip(want, a.shape)):
-                return f"input '{spec.name}' is {_fmt_dims(want)}, the batch has shape {list(a.shape)}"
+                return f"input '{spec.name}' is {fmt_shape(want)}, the batch has shape {list(a.shape)}"
     except Exception:
         return None
     return None
-
-
-def _fmt_dims(dims) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

@@ -11,6 +11,11 @@ import numpy as np
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def fmt_shape(shape) -> str:
+    """A shape as messages show it, a dynamic dimension (None) as ?: [?, 3, 224, 224]."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """A model input: name, shape (ints, or None for a dynamic dimension) and NumPy dtype."""

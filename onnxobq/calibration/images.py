@@ -9,7 +9,8 @@ import numpy as np
 from ..config import CalibConfig, ImageOptions
 from ..errors import UserError, cannot_read, option
 from ..types import InputSpec
-from .sources import IMAGE_EXTENSIONS, check_batch_bytes, fmt_shape, list_files
+from ..types import fmt_shape
+from .sources import IMAGE_EXTENSIONS, check_batch_bytes, list_files
 
 
 class ImageSource:

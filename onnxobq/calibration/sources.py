@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import CalibConfig
 from ..errors import UserError, cannot_read, option
-from ..types import InputSpec
+from ..types import InputSpec, fmt_shape
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -42,10 +42,6 @@ class Source(Protocol):
     def count(self, cfg: CalibConfig, inputs: list[InputSpec]) -> int | None:
         """How many samples the source holds (before ``cfg.samples``), without reading them;
         None where that cannot be known."""
-
-
-def fmt_shape(shape) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def list_files(source: str, extensions) -> list[str]:
