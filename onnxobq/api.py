@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from inspect import signature
 
 from .config import (DEFAULT_BN_SAMPLES, DEVICES, IMAGE_KEYS, IMAGE_PRESETS, RESIZES, BNConfig, CalibConfig,
@@ -190,12 +190,13 @@ def compare(float_model, quant_model, calibration, *, samples: int | None = None
         raise UserError(f"{option('calibration')}: give the data to compare on, e.g. "
                         f"{option('calibration', 'images/')} or {option('calibration', 'random')}")
     choose("device", device, DEVICES)
-    from .backend import Device, usable_cores
     from .agreement import compare_models
+    from .backend import choose_device
     if progress:
         progress.start("compare", None)
     try:
-        return compare_models(float_model, quant_model, calib, Device(runtime=device, cores=usable_cores()),
+        # onnxruntime's device alone: compare solves nothing, so it never needs CuPy
+        return compare_models(float_model, quant_model, calib, replace(choose_device("cpu"), runtime=device),
                               progress.advance if progress else None)
     finally:
         if progress:

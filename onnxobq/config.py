@@ -223,6 +223,11 @@ class QuantizeConfig:
         return self.solve.grid.group_size > 0 or any(g > 0 for _, g in self.layer_group_size)
 
     @property
+    def hessians_name(self) -> str | None:
+        """How messages and the report name ``hessians``: its path, or "(captured)" for a value."""
+        return self.hessians if self.hessians is None or isinstance(self.hessians, str) else "(captured)"
+
+    @property
     def activation_calibration(self) -> str:
         """How the activation scales are set: ``act_calib``, "mse" by default."""
         return self.act_calib or "mse"
@@ -290,11 +295,7 @@ def _check_clashes(cfg: QuantizeConfig) -> None:
         raise UserError(f"{option('narrow_range')} needs a symmetric grid; drop {option('symmetric', False)}")
     if cfg.save_hessians is not None and cfg.hessians is not None:
         raise UserError(f"{option('save_hessians', cfg.save_hessians)}: the Hessians come from "
-                        f"{option('hessians', _name(cfg.hessians))} already; give one of the two")
-
-
-def _name(value) -> str:
-    return value if isinstance(value, str) else "(captured)"
+                        f"{option('hessians', cfg.hessians_name)} already; give one of the two")
 
 
 def choose(name: str, value, choices) -> None:

@@ -135,12 +135,11 @@ def load_stage(cfg: QuantizeConfig) -> Loaded:
 
 def check_data(cfg: QuantizeConfig) -> None:
     """Refuse a run that lacks the data its settings need."""
-    hessians = cfg.hessians if isinstance(cfg.hessians, str) or cfg.hessians is None else "(captured)"
     if cfg.calib is None and cfg.save_hessians is not None:
         raise UserError(f"{option('save_hessians', cfg.save_hessians)}: there are no Hessians to save without "
                         f"calibration data; give {option('calibration', 'FOLDER|FILE')}")
     if cfg.calib is None and cfg.hessians is not None and cfg.bn.reestimate:
-        raise UserError(f"{option('hessians', hessians)}: BatchNorm re-estimation still needs the calibration "
+        raise UserError(f"{option('hessians', cfg.hessians_name)}: BatchNorm re-estimation still needs the calibration "
                         f"data; give the {option('calibration')} options the Hessians were saved with, or "
                         f"{option('bn_reestimate', False)}")
     if METHODS[cfg.solve.method].uses_hessian and cfg.calib is None and cfg.hessians is None:
@@ -282,8 +281,7 @@ def _why_int8(cfg: QuantizeConfig, one_width: bool) -> str:
 
 
 def _settings(cfg: QuantizeConfig, opset: int, model_name: str) -> dict:
-    hessians = cfg.hessians if isinstance(cfg.hessians, str) or cfg.hessians is None else "(captured)"
-    s = asdict(dataclasses.replace(cfg, model=model_name, calib=None, hessians=hessians))
+    s = asdict(dataclasses.replace(cfg, model=model_name, calib=None, hessians=cfg.hessians_name))
     s["calib"] = describe(cfg.calib)
     s["opset"] = opset
     s["op_types"] = list(cfg.op_types or QUANTIZABLE_OPS)

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .backend import Device, synchronize, to_numpy
+from .backend import Device, Tuning, synchronize, to_numpy
 from .config import QuantizeConfig, SolveConfig
 from .errors import option
 from .quant import fit_grid
@@ -73,7 +73,7 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, device: 
 
 
 def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int,
-                grids: list | None = None, max_cols: int = 1024) -> list[list[int]]:
+                grids: list | None = None, max_cols: int = Tuning.stack_max_cols) -> list[list[int]]:
     """Group layer indices into stacks to solve together, each in graph order.
 
     Layers join the open stack of their (rows, cols, has_hessian, grid) while the stack's

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..backend import Tuning
 from ..config import CalibConfig
 from ..errors import UserError, option
 from ..types import InputSpec
@@ -230,7 +231,7 @@ class Replay:
             are read again).
     """
 
-    def __init__(self, cfg: CalibConfig, max_bytes: int = 1 << 30):
+    def __init__(self, cfg: CalibConfig, max_bytes: int = Tuning.replay_bytes):
         self.cfg, self.max_bytes = cfg, max_bytes
         self.pick: tuple[int, ...] | None = None     # only these samples: see spread
         self._inputs, self._kept = None, None
