@@ -5,7 +5,7 @@ train-mode model's moments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,12 +33,21 @@ class FloatReference:
             train-mode model.
         outputs: per batch, the model's float outputs; None when they did not fit in
             Tuning.output_cache_bytes (the later passes then run the float model again).
+        inputs: by float input, the moments of each of its elements over the samples.
     """
 
     moments: dict
     batch_moments: list
     outputs: list | None
     samples: int = 0
+    inputs: dict = field(default_factory=dict)
+
+    def input_spread(self) -> float:
+        """How much the samples differ: the RMS over the float inputs' elements of their std over
+        the samples, against the RMS of the elements (0 where every sample is the same)."""
+        var = sum(float(m.var().sum()) for m in self.inputs.values())
+        power = sum(float((m.var() + m.mean() ** 2).sum()) for m in self.inputs.values())
+        return float(np.sqrt(var / power)) if power > 0 and np.isfinite(power) else 0.0
 
 
 def float_reference(model, names: dict, calib: CalibConfig | Replay, device: Device, on_batch=None) -> FloatReference:
@@ -66,6 +75,9 @@ def float_reference(model, names: dict, calib: CalibConfig | Replay, device: Dev
                 ref.outputs = None   # too big to keep: output_error runs the float model again
         n = feed_samples(feed)
         ref.samples += n
+        for name, a in feed.items():
+            if np.issubdtype(a.dtype, np.floating) and a.ndim:
+                ref.inputs.setdefault(name, Moments()).add(Moments.of(a.reshape(a.shape[0], -1, 1)))
         if on_batch:
             on_batch(n)
     return ref

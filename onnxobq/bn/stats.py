@@ -14,6 +14,19 @@ from ..backend import Tuning
 from ..types import QuantizedLayer
 
 VAR_FLOOR = 1e-10  # keeps a dead channel's batch normalisation finite
+# A BN channel whose std on the calibration data is under this fraction of its trained std is
+# not measured by that data: it keeps its trained statistics. On the bundled classifier's 32
+# calibration lines the smallest fraction over its 35 BNs was 0.50; on 4 constant images 0.0098,
+# where the quantized std came out 9.4 times the float one.
+MEASURED_STD = 0.1
+# No correction scales a channel's std by more than this factor, or less than its inverse: on
+# real data quantization at 4 bits moved the classifier's BN input std by 0.88 to 1.09.
+MAX_STD_FACTOR = 2.0
+# A Conv output channel (with no BN to compare with) is measured where its std on the calibration
+# data is at least this fraction of the layer's median channel RMS: on the classifier's real lines
+# the smallest fraction over its 18 such Convs was 0.042; on 4 constant images with noise of
+# 1e-3 added, 1.8e-5 to 8.1e-4.
+MEASURED_CONV_STD = 0.01
 
 
 @dataclass
@@ -81,19 +94,51 @@ class Moments:
 
 
 def bn_statistics(bn, fp: Moments | None, q: Moments, mode: str):
-    """New running mean and variance for one BN.
+    """New running mean and variance for one BN, and how many of its channels keep their
+    trained statistics because the calibration data does not measure them.
 
     "reestimate" (the paper): the quantized model's own statistics at the BN input.
     "match": statistics that give the BN output the same per-channel mean and std on the
     calibration data as the float model's BN output. The two agree when the calibration
     data has the statistics the BN was trained on; "match" stays right when it does not.
+
+    A channel is measured where its std on the calibration data (the float model's, or the
+    quantized one's without it) is at least MEASURED_STD of its trained std; in "match" the
+    std's factor is held within MAX_STD_FACTOR.
     """
-    if mode == "reestimate" or fp is None:
-        return q.mean(), q.var()
+    trained = np.sqrt(np.asarray(bn.var, np.float64) + bn.epsilon)
     with np.errstate(invalid="ignore", over="ignore"):     # non-finite statistics are reported instead
-        ratio = np.where(fp.var() > 1e-30, np.sqrt(q.var() / np.maximum(fp.var(), 1e-30)), 1.0)
-        var = (bn.var + bn.epsilon) * ratio ** 2 - bn.epsilon
-    return q.mean() - (fp.mean() - bn.mean) * ratio, np.maximum(var, 0.0)
+        measured = np.sqrt((q if mode == "reestimate" or fp is None else fp).var()) >= MEASURED_STD * trained
+        if mode == "reestimate" or fp is None:
+            mean, var = q.mean(), q.var()
+        else:
+            ratio = std_factor(np.sqrt(q.var()), np.sqrt(fp.var()))
+            mean, var = q.mean() - (fp.mean() - bn.mean) * ratio, (bn.var + bn.epsilon) * ratio ** 2 - bn.epsilon
+    mean, var = np.where(measured, mean, bn.mean), np.where(measured, var, bn.var)
+    return mean, np.maximum(var, 0.0), int((~measured).sum())
+
+
+def trained_std_shift(bns, fp: dict) -> float:
+    """The median over the channels of ``bns`` of |log(std on the calibration data / trained std)|:
+    near 0 where the calibration data has the statistics the BNs were trained on."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        logs = [np.abs(np.log(np.sqrt(fp[bn.input].var()) / np.sqrt(np.asarray(bn.var, np.float64) + bn.epsilon)))
+                for bn in bns]
+    return float(np.nan_to_num(np.median(np.concatenate(logs)), nan=np.inf))
+
+
+def conv_measured(fp: Moments) -> np.ndarray:
+    """Which output channels of a Conv the calibration data measures (see MEASURED_CONV_STD)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        sd = np.sqrt(fp.var())
+        return (sd > 0) & (sd >= MEASURED_CONV_STD * np.median(np.sqrt(fp.var() + fp.mean() ** 2)))
+
+
+def std_factor(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den per channel, 1 where den is 0, held within [1 / MAX_STD_FACTOR, MAX_STD_FACTOR]."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+    return np.clip(ratio, 1 / MAX_STD_FACTOR, MAX_STD_FACTOR)
 
 
 def fold_affine(q: QuantizedLayer, bias: np.ndarray, a: np.ndarray, t: np.ndarray) -> QuantizedLayer | None:
