@@ -424,3 +424,30 @@ def test_a_conv_channel_is_measured_against_the_layers_typical_channel():
     sd = np.array([1.0, 1.0, 1.0, 1.0, 0.0, MEASURED_CONV_STD * 0.9, MEASURED_CONV_STD * 1.1])
     fp = Moments(10, np.zeros(7), sd ** 2 * 10)
     assert conv_measured(fp).tolist() == [True, True, True, True, False, False, True]
+
+
+def test_a_bn_fed_by_a_graph_input_keeps_its_statistics():
+    """x -> BN -> Conv -> BN -> y: the first BN's input is the model's own, which quantization
+    cannot change (it stopped the train-mode model's build with a StopIteration)."""
+    from onnx import helper, numpy_helper
+    import onnxobq
+    r = np.random.default_rng(3)
+    x = r.standard_normal((16, 4, 8, 8)).astype(np.float32)
+
+    def bn(name, c, mean, var):
+        values = (1 + 0.1 * r.standard_normal(c), 0.1 * r.standard_normal(c), mean, var)
+        return [numpy_helper.from_array(np.asarray(v, np.float32), f"{name}_{k}") for k, v in zip("sbmv", values)]
+
+    w = numpy_helper.from_array((0.3 * r.standard_normal((6, 4, 3, 3))).astype(np.float32), "w")
+    nodes = [helper.make_node("BatchNormalization", ["x"] + [f"bn0_{k}" for k in "sbmv"], ["b0"], name="bn0"),
+             helper.make_node("Conv", ["b0", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    inits = bn("bn0", 4, np.zeros(4), np.ones(4)) + [w]
+    make = lambda nodes, inits, out, c: builders.make_model(
+        nodes, [builders.fvi("x", [None, 4, 8, 8])], [builders.fvi(out, [None, c, 8, 8])], inits)
+    c = builders.run(make(nodes, inits, "c", 6), {"x": x})[0]     # the second BN gets the float model's statistics
+    nodes.append(helper.make_node("BatchNormalization", ["c"] + [f"bn1_{k}" for k in "sbmv"], ["y"], name="bn1"))
+    model = make(nodes, inits + bn("bn1", 6, c.mean(axis=(0, 2, 3)), c.var(axis=(0, 2, 3))), "y", 6)
+    report = onnxobq.quantize(model, None, bits=4, calibration={"x": x}, bn_samples=None)
+    assert report.bn["reestimated"] == 1, report.bn["notes"]
+    q = ort.InferenceSession(report.quantized_model.SerializeToString())
+    assert np.isfinite(q.run(None, {"x": x})[0]).all()

@@ -44,8 +44,9 @@ def fixed_conv(tensors: dict, layer) -> str | None:
 
 
 def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer], fixed: dict) -> list[BNNode]:
-    """Every BatchNormalization whose parameters are constants, with the quantized Conv it follows
-    (none of the ``fixed`` ones: layer name -> why, see fixed_conv)."""
+    """Every BatchNormalization whose parameters are constants and whose input a node computes,
+    with the quantized Conv it follows (none of the ``fixed`` ones: layer name -> why, see
+    fixed_conv)."""
     convs = {q.layer.output for q in qlayers if q.layer.op == "Conv" and q.layer.name not in fixed}
     outputs = {t.name for t in graph.outputs}
     found = []
@@ -56,6 +57,8 @@ def find_bn_nodes(graph: gs.Graph, qlayers: list[QuantizedLayer], fixed: dict) -
         if len(holders) < 4 or any(h is None for h in holders):
             continue
         x = node.inputs[0]
+        if not x.inputs:    # a graph input: quantization leaves its statistics as they are
+            continue
         follows = x.name in convs and len(x.outputs) == 1 and x.name not in outputs
         values = [np.asarray(h.values, np.float64).reshape(-1) for h in holders]
         found.append(BNNode(x.name, node.outputs[0].name, float(node.attrs.get("epsilon", 1e-5)),
