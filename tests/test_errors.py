@@ -206,6 +206,27 @@ def test_nan_in_calibration_arrays(capsys, work):
                  fix="replace or drop those samples")
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+def test_calibration_arrays_with_no_samples(capsys, work, command):
+    """(was: a ValueError traceback from a reshape)"""
+    np.savez(work / "none.npz", x=np.zeros((0, 3, 12, 12), np.float32))
+    args = ["m.onnx", "-o", "q.onnx"] if command == "quantize" else ["m.onnx", "m.onnx"]
+    expect_error(capsys, work, [command, *args, "--calib", "none.npz"],
+                 names=["--calib none.npz", "input 'x' has no samples (an array of shape [0, 3, 12, 12])"],
+                 fix="give at least one sample")
+
+
+def test_inputs_with_different_numbers_of_samples(capsys, work):
+    """(was: "5 calibration samples", or an error inside onnxruntime naming neither file nor cause)"""
+    onnx.save(two_input_model(), work / "two.onnx")
+    r = builders.rng(5)
+    np.savez(work / "uneven.npz", x=r.standard_normal((5, 4)).astype(np.float32),
+             z=r.standard_normal((3, 3)).astype(np.float32))
+    expect_error(capsys, work, ["quantize", "two.onnx", "--calib", "uneven.npz", "-o", "q.onnx"],
+                 names=["--calib uneven.npz", "the inputs have different numbers of samples ('x' 5, 'z' 3)"],
+                 fix="give every input the same samples")
+
+
 def test_infinite_calibration_values_are_fed(capsys, work):
     """Infinities can be meant (an additive attention mask of -inf): the run goes on."""
     a = builders.rng(4).standard_normal((4, 3, 12, 12)).astype(np.float32)

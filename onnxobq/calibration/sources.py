@@ -87,6 +87,9 @@ def as_batch(a, spec: InputSpec, where: str) -> np.ndarray:
                             f"{axis} is {have} where the input needs {want}); save arrays of that shape")
     if a.ndim == rank - 1:
         a = a[None]
+    if a.shape[0] == 0:
+        raise UserError(f"{where}: input '{spec.name}' has no samples (an array of shape {list(a.shape)}); "
+                        "give at least one sample")
     want_float = np.issubdtype(spec.dtype, np.floating)
     if (want_float != np.issubdtype(a.dtype, np.floating) or (a.dtype == bool) != (spec.dtype == bool)
             or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool)):
@@ -106,7 +109,13 @@ def keyed(arrays: dict, inputs: list[InputSpec], where: str, fix: str) -> dict:
     names = [s.name for s in inputs]
     if sorted(arrays) != sorted(names):
         raise UserError(f"{where}: keys {sorted(arrays)} do not match the model inputs {names}; {fix}")
-    return {s.name: as_batch(arrays[s.name], s, where) for s in inputs}
+    chunk = {s.name: as_batch(arrays[s.name], s, where) for s in inputs}
+    counts = {name: len(a) for name, a in chunk.items()}
+    if len(set(counts.values())) > 1:
+        given = ", ".join(f"'{name}' {n}" for name, n in counts.items())
+        raise UserError(f"{where}: the inputs have different numbers of samples ({given}); "
+                        "give every input the same samples")
+    return chunk
 
 
 # ----------------------------------------------------------------------------- random
