@@ -12,7 +12,7 @@ from .calibration import CalibConfig, batch_size_for, batches, describe, feed_sa
 from .errors import UserError, option
 from .graph.io import load
 from .metrics import OutputAgreement
-from .runtime import model_inputs, run, side_by_side, side_sessions
+from .runtime import check_opset, model_inputs, run, side_by_side, side_sessions
 from .types import fmt_shape
 
 # The metadata key under which a quantized model records its calibration data (calibration.describe).
@@ -67,7 +67,13 @@ def compare_models(float_model, quant_model, calib: CalibConfig, device: Device,
     apart they are."""
     fp, fp_name, _ = load(float_model)
     q, q_name, _ = load(quant_model)
+    for model, name in ((fp, fp_name), (q, q_name)):
+        check_opset(model, name, False, "re-export the model at an older opset")
     names = [o.name for o in fp.graph.output if np.issubdtype(_np_type(o), np.floating)]
+    if not names:
+        given = ", ".join(f"{o.name!r} ({_np_type(o)})" for o in fp.graph.output)
+        raise UserError(f"{fp_name}: has no floating-point output to compare (its outputs: {given}); compare models "
+                        "whose outputs are floats, or measure your own metric on their outputs")
     q_names = {o.name for o in q.graph.output}
     missing = [n for n in names if n not in q_names]
     if missing:

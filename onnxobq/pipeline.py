@@ -17,19 +17,21 @@ import onnx
 
 from .backend import Device, choose_device, peak_rss_mb
 from .bn.stage import PASSES, BNOutcome, reestimate
-from .calibration import Replay, describe, planned_samples, source_kind, spread
+from .calibration import Replay, batches, describe, planned_samples, source_kind, spread
 from .capturing import capture_hessians
 from .agreement import CALIBRATION_KEY
 from .config import QuantizeConfig
 from .errors import UserError, option
 from .export import build_model, model_opset, prepare_opset, storage_type
 from .graph import load, save_model, scan_folded
+from .graph.io import serialized
 from .hessians import Hessians, from_file, model_digest
 from .inspection import float_weights
 from .quant.activations import activation_scales
 from .report import Report, versions, write_json
-from .runtime import model_inputs
-from .selection import check_layers, exclude, float_inputs, grouping_option, layer_grid, unmatched_notes
+from .runtime import check_opset, check_runs, model_inputs, newest_opset
+from .selection import (check_blocked_matmuls, check_layers, exclude, float_inputs, grouping_option, layer_grid,
+                        unmatched_notes)
 from .solve import solve_all
 from .solvers import METHODS
 from .types import QUANTIZABLE_OPS, Captured, LayerScan
@@ -94,6 +96,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
                           outcome.edits if outcome.kept else (), act_scales, act_skip)
         _record(out, CALIBRATION_KEY, described)   # compare warns where it is given this same data
         written = save_model(out, cfg.output, external=True if loaded.external else None) if cfg.output else []
+        _check_output(out, written, calib, loaded, cfg)
     report = Report(settings=_settings(cfg, opset, loaded.name), layers=stats, skipped=loaded.scan.skipped,
                     stages=stages, samples=captured.samples, device=device.name,
                     storage=_storage(cfg, opset, kept), peak_rss_mb=peak_rss_mb(), peak_gpu_mb=device.peak_gpu_mb(),
@@ -113,6 +116,40 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
     return report
 
 
+def _check_output(out: onnx.ModelProto, written: list, calib, loaded: Loaded, cfg: QuantizeConfig) -> None:
+    """Check that onnxruntime's default session runs the model written on one calibration sample
+    (only loads it where there is no data it can read again); remove the files otherwise."""
+    feed = _first_sample(calib, model_inputs(loaded.model))
+    try:
+        if written:
+            check_runs(written[0], feed, written[0], _OUTPUT_FIX)
+        else:
+            with serialized(out) as source:
+                check_runs(source, feed, "the quantized model", _OUTPUT_FIX)
+    except UserError:
+        for path in written:
+            os.unlink(path)
+        raise
+
+
+_OUTPUT_FIX = ("nothing was written; please report it with the command and the model's inspect output, and try "
+               "other settings meanwhile")
+
+
+def _first_sample(calib, inputs: list) -> dict | None:
+    """The first sample (the first batch, where the batch is fixed) of the calibration data, or None
+    where there is none or it cannot be read again."""
+    if calib is None:
+        return None
+    try:
+        feed = next(iter(batches(calib, inputs)), None)
+    except UserError:
+        return None
+    if feed is None or any(spec.fixed_batch is not None for spec in inputs):
+        return feed
+    return {name: a[:1] for name, a in feed.items()}
+
+
 def load_stage(cfg: QuantizeConfig) -> Loaded:
     """Load the model, fold computed weights, scan its layers, convert it to the output's opset
     (INT4 storage at 4 bits and below where the output can have it), and check what the run needs."""
@@ -125,9 +162,17 @@ def load_stage(cfg: QuantizeConfig) -> Loaded:
     converted, opset_note = prepare_opset(model, cfg.format, cfg.opset, activations=cfg.act_bits is not None,
                                           grouped=grouped, int4=small and cfg.format == "qdq"
                                           and cfg.act_bits is None and cfg.opset is None)
+    qdq = cfg.format == "qdq" or cfg.act_bits is not None
+    if cfg.opset is not None and cfg.opset > model_opset(model):
+        fix, fake = f"give {option('opset', newest_opset(qdq))} or lower", ""
+    else:
+        fake = f", or use {option('format', 'fake')}" if cfg.act_bits is None else ""
+        fix = "re-export the model at an older opset"
+    check_opset(converted, name, qdq, fix, fake)
     folded, found, notes = first if first and converted is model else scan_folded(converted)
     scan = exclude(found, cfg.exclude, cfg.op_types)
     check_layers(cfg, scan, name)
+    check_blocked_matmuls(cfg, scan.layers, name)
     check_data(cfg)
     # files: the model's own, then the external data files its tensors name
     return Loaded(folded, name, files, found, scan, notes + ([opset_note] if opset_note else []), len(files) > 1)

@@ -6,6 +6,7 @@ calibration batch. Two sessions of a small model can run batch-1 samples side by
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
@@ -85,6 +86,79 @@ def session(model: onnx.ModelProto, extra: dict[str, int], runtime: str = "cpu",
                         "check that it runs with onnxruntime before quantizing") from None
     finally:
         del model.graph.output[len(model.graph.output) - len(added):]
+
+
+@functools.cache
+def newest_opset(qdq: bool = False) -> int:
+    """The newest default-domain opset at which the installed onnxruntime (CPU) loads a model,
+    or with ``qdq`` runs per-channel QuantizeLinear and DequantizeLinear: found by loading a
+    small model at each opset down from onnx's newest. onnxruntime 1.32 loads opset 28 but
+    has those two ops only up to 27."""
+    for opset in range(onnx.defs.onnx_opset_version(), 1, -1):
+        if _loads(_probe(opset, qdq)):
+            return opset
+    return 1
+
+
+def check_opset(model: onnx.ModelProto, name: str, qdq: bool, fix: str, qdq_fix: str = "") -> None:
+    """Refuse a model whose opset the installed onnxruntime does not run (``qdq``: with the
+    QDQ nodes onnxobq writes), naming it and ``fix`` (and ``qdq_fix`` where only the QDQ nodes
+    are out of reach)."""
+    opset = next((int(op.version) for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
+    if opset > (newest := newest_opset(False)):
+        what = "runs"
+    elif qdq and opset > (newest := newest_opset(True)):
+        what, fix = "runs QuantizeLinear and DequantizeLinear", fix + qdq_fix
+    else:
+        return
+    raise UserError(f"{name}: opset {opset} is newer than the installed onnxruntime {ort.__version__} {what} "
+                    f"(up to {newest}); {fix}, or install a newer onnxruntime")
+
+
+def _probe(opset: int, qdq: bool) -> onnx.ModelProto:
+    """x (1, 2) -> y: Identity, or quantized x times per-channel dequantized weights."""
+    from onnx import TensorProto, helper, numpy_helper
+    if qdq:
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["w", "ws"], ["wq"], axis=1),
+                 helper.make_node("MatMul", ["xq", "wq"], ["y"])]
+        inits = [numpy_helper.from_array(np.float32(1), "s"), numpy_helper.from_array(np.ones((2, 2), np.int8), "w"),
+                 numpy_helper.from_array(np.ones(2, np.float32), "ws")]
+    else:
+        nodes, inits = [helper.make_node("Identity", ["x"], ["y"])], []
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _loads(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime's CPU provider loads and runs a model fed ones."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess.run(None, {"x": np.ones((1, 2), np.float32)})
+        return True
+    except Exception:
+        return False
+
+
+def check_runs(source, feed: dict | None, what: str, fix: str) -> None:
+    """Check that onnxruntime loads a written model (``source``: its path or bytes) with its
+    default options, and runs ``feed`` where one is given; a UserError naming ``what`` and
+    ``fix`` otherwise."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        if feed is not None:
+            sess.run(None, feed)
+    except Exception as exc:
+        raise UserError(f"{what} does not run in onnxruntime {ort.__version__} with its default options "
+                        f"({_one_line(exc)}); {fix}") from None
 
 
 def session_workers(device: Device, batch: int, model_bytes: int = 0) -> tuple[int, int | None]:

@@ -89,6 +89,24 @@ def unmatched_notes(cfg: QuantizeConfig, found: LayerScan, scan: LayerScan) -> l
     return none + idle
 
 
+def check_blocked_matmuls(cfg: QuantizeConfig, layers: list[Layer], model_name: str) -> None:
+    """Refuse QDQ MatMuls with a scale per group of inputs whose inputs act_bits quantizes:
+    onnxruntime 1.20 to 1.32 fuse them into MatMulIntegerToFloat, which fails on blocked scales
+    when the model runs (the Conv and Gemm it leaves alone run)."""
+    if cfg.format != "qdq" or cfg.act_bits is None:
+        return
+    kept = float_inputs(cfg, layers)
+    hit = [layer.name for layer in layers if layer.op == "MatMul" and layer_grid(layer, cfg).group_size
+           and any(use.name not in kept for use in layer.each_use())]
+    if hit:
+        shown = ", ".join(hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+        raise UserError(f"{model_name}: {grouping_option(cfg, layers)} with {option('act_bits', cfg.act_bits)} on "
+                        f"MatMul {shown}: onnxruntime cannot run a MatMul whose weights have a scale per group of "
+                        f"inputs behind quantized inputs (its MatMulIntegerToFloat fails); keep their inputs in "
+                        f"float with {option('act_exclude')}, give them a scale per channel with "
+                        f"{option('layer_group_size', 'GLOB=0')}, or use {option('format', 'fake')}")
+
+
 def check_layers(cfg: QuantizeConfig, scan: LayerScan, model_name: str) -> None:
     """Refuse a run that would quantize no layer, saying why each was left out."""
     if scan.layers:

@@ -670,3 +670,99 @@ def test_compare_with_a_model_of_another_input_shape(capsys, work):
     expect_error(capsys, work, ["compare", "m.onnx", "other.onnx", "--calib", "good.npz"],
                  names=["other.onnx: its inputs (x [?, 3, 8, 8] float32) are not those of m.onnx"],
                  fix="compare a model with its own quantized version")
+
+
+# ----------------------------------------------------------------------------- what onnxruntime runs
+
+def _at_opset(work, opset):
+    m = builders.conv_stack()
+    m.opset_import[0].version = opset
+    onnx.save(m, work / f"op{opset}.onnx")
+    return f"op{opset}.onnx"
+
+
+def test_an_opset_past_onnxruntimes_qdq_nodes(capsys, work):
+    """(was: exit 0 and a QDQ model that onnxruntime cannot load, "no DequantizeLinear(28)")"""
+    from onnxobq.runtime import newest_opset
+    opset = newest_opset(True) + 1
+    if opset > newest_opset(False):
+        pytest.skip("this onnxruntime runs QDQ at every opset it loads")
+    name = _at_opset(work, opset)
+    expect_error(capsys, work, ["quantize", name, "--method", "rtn", "-o", "q.onnx"],
+                 names=[f"{name}: opset {opset} is newer than the installed onnxruntime",
+                        f"runs QuantizeLinear and DequantizeLinear (up to {opset - 1})"],
+                 fix="re-export the model at an older opset, or use --format fake, or install a newer onnxruntime")
+
+
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+def test_an_opset_past_onnxruntime(capsys, work, command):
+    """(was: a traceback with --method rtn)"""
+    from onnxobq.runtime import newest_opset
+    name = _at_opset(work, 40)
+    args = ["--method", "rtn", "-o", "q.onnx"] if command == "quantize" else ["m.onnx", "--calib", "random"]
+    expect_error(capsys, work, [command, name, *args],
+                 names=[f"{name}: opset 40 is newer than the installed onnxruntime", f"runs (up to {newest_opset()})"],
+                 fix="re-export the model at an older opset, or install a newer onnxruntime")
+
+
+def test_an_explicit_opset_past_onnxruntimes_qdq_nodes(capsys, work):
+    from onnxobq.runtime import newest_opset
+    opset = newest_opset(True) + 1
+    if opset > newest_opset(False):
+        pytest.skip("this onnxruntime runs QDQ at every opset it loads")
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "--opset", opset, "-o", "q.onnx"],
+                 names=[f"m.onnx: opset {opset} is newer"], fix=f"give --opset {opset - 1} or lower")
+
+
+def test_blocked_matmul_weights_behind_quantized_inputs(capsys, work):
+    """(was: exit 0 and a model whose MatMulIntegerToFloat fails in onnxruntime's default session)"""
+    onnx.save(matmul_model(), work / "mm.onnx")
+    expect_error(capsys, work, ["quantize", "mm.onnx", "--calib", "random", "--act-bits", "8", "--group-size", "2",
+                                "-o", "q.onnx"],
+                 names=["mm.onnx: --group-size with --act-bits 8 on MatMul mm: onnxruntime cannot run"],
+                 fix="keep their inputs in float with --act-exclude, give them a scale per channel with "
+                     "--layer-group-size GLOB=0, or use --format fake")
+
+
+@pytest.mark.parametrize("options", [["--act-exclude", "mm"], ["--layer-group-size", "mm=0"], ["--format", "fake"]])
+def test_each_way_out_of_blocked_matmuls_behind_quantized_inputs_runs(capsys, work, options):
+    import onnxruntime as ort
+    onnx.save(matmul_model(), work / "mm.onnx")
+    code, _, err = cli(capsys, "quantize", "mm.onnx", "--calib", "random", "--act-bits", "8", "--group-size", "2",
+                       "-o", "q.onnx", *options)
+    assert code == 0, err
+    y = ort.InferenceSession(str(work / "q.onnx")).run(None, {"x": np.ones((2, 4), np.float32)})[0]
+    assert y.shape == (2, 3) and np.isfinite(y).all()
+
+
+def test_a_written_model_that_onnxruntime_cannot_run_is_removed(capsys, work, monkeypatch):
+    """Whatever the cause, a model that onnxruntime's default session cannot run is not left with
+    exit 0: here the export is made to write a node of an op that does not exist."""
+    from onnxobq import pipeline
+    real = pipeline.build_model
+
+    def broken(*a, **k):
+        model = real(*a, **k)
+        y = model.graph.output[0].name
+        for node in model.graph.node:
+            node.output[:] = [f"{o}_" if o == y else o for o in node.output]
+        model.graph.node.append(helper.make_node("NoSuchOp", [f"{y}_"], [y], domain="onnxobq.test"))
+        model.opset_import.append(helper.make_opsetid("onnxobq.test", 1))
+        return model
+
+    monkeypatch.setattr(pipeline, "build_model", broken)
+    expect_error(capsys, work, ["quantize", "m.onnx", "--calib", "good.npz", "-o", "q.onnx"],
+                 names=["q.onnx does not run in onnxruntime", "with its default options", "NoSuchOp"],
+                 fix="nothing was written")
+
+
+def test_compare_of_models_without_float_outputs(capsys, work):
+    """(was: an empty table and exit 0)"""
+    m = builders.conv_stack()
+    m.graph.node.append(helper.make_node("ArgMax", ["y"], ["label"], axis=1))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [None, 1]))
+    onnx.save(m, work / "argmax.onnx")
+    expect_error(capsys, work, ["compare", "argmax.onnx", "argmax.onnx", "--calib", "random"],
+                 names=["argmax.onnx: has no floating-point output to compare (its outputs: 'label' (int64))"],
+                 fix="compare models whose outputs are floats, or measure your own metric on their outputs")
