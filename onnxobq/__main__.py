@@ -1,5 +1,6 @@
 """``python -m onnxobq`` and the ``onnxobq`` command: the command line, started the way a run should be."""
 import os
+import signal
 import sys
 
 
@@ -13,9 +14,22 @@ def main() -> int:
     32.6 and 34.7 s against 32.7 and 32.9 s (2^4 cycles made it 36.6 to 38.8 s). A value the user
     set wins."""
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
-    from .cli import main as run
-
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        from .cli import main as run
+    except KeyboardInterrupt:       # Ctrl-C while the libraries load
+        sys.stderr.write("onnxobq: interrupted\n")
+        return 130
     return run()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that a terminated run cleans
+    up (temporary folders and files, partial outputs) as an interrupted one does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -441,11 +441,12 @@ def main(argv=None) -> int:
         click.echo(cli.get_help(click.Context(cli, info_name="onnxobq")))   # no command: the help, as click shows it
         return 0
     try:
-        with spelled_as(FLAGS):
-            cli.main(args=argv, prog_name="onnxobq", standalone_mode=False)
+        # click's own main would turn Ctrl-C into Abort after a blank line on stderr
+        with spelled_as(FLAGS), cli.make_context("onnxobq", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:       # a prompt's Ctrl-C or end of input
         BarProgress.close_all()
         click.echo("onnxobq: aborted", err=True)
         return 130
@@ -468,10 +469,11 @@ def main(argv=None) -> int:
         click.echo(f"onnxobq: error: {where}{_one_line(e.strerror or str(e))}; "
                    "check the path, its permissions and the free disk space", err=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (__main__.Terminated)
         BarProgress.close_all()
-        click.echo("onnxobq: interrupted", err=True)
-        return 130
+        terminated = type(e).__name__ == "Terminated"
+        click.echo(f"onnxobq: {'terminated' if terminated else 'interrupted'}", err=True)
+        return 143 if terminated else 130
     finally:
         BarProgress.close_all()
     return 0

@@ -6,8 +6,12 @@ Every file is written through a temporary one beside it and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import signal
 import tempfile
+import threading
 
 from .errors import UserError, cannot_write, option
 
@@ -107,6 +111,40 @@ def write_atomically(path: str, write, binary: bool = False) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def publishing(folder: str):
+    """Hold back SIGINT and SIGTERM, and keep other onnxobq runs from publishing into ``folder``,
+    while a model and its data file are renamed into place: the pair is never left half
+    renamed, and two runs writing one output leave one run's model with that run's data.
+
+    A signal that arrives meanwhile is recorded and handed to the handler it would have met once
+    the renames are done (blocking it would not do: the kernel gives a process's signal to any
+    thread that does not block it, onnxruntime's and BLAS's included). The lock is an flock of
+    the folder itself (best effort: where the file system refuses it, the renames go on without).
+    """
+    held, pending = {}, []
+    if threading.current_thread() is threading.main_thread():     # only the main thread sets handlers
+        held = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    fd = None
+    try:
+        with contextlib.suppress(OSError):
+            fd = os.open(folder, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)       # closing the descriptor releases the lock
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = held[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _umask() -> int:

@@ -95,41 +95,39 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
         out = build_model(loaded.model, kept, cfg.format, opset, cfg.solve.grid.symmetric,
                           outcome.edits if outcome.kept else (), act_scales, act_skip)
         _record(out, CALIBRATION_KEY, described)   # compare warns where it is given this same data
-        written = save_model(out, cfg.output, external=True if loaded.external else None) if cfg.output else []
-        _check_output(out, written, calib, loaded, cfg)
-    report = Report(settings=_settings(cfg, opset, loaded.name), layers=stats, skipped=loaded.scan.skipped,
-                    stages=stages, samples=captured.samples, device=device.name,
-                    storage=_storage(cfg, opset, kept), peak_rss_mb=peak_rss_mb(), peak_gpu_mb=device.peak_gpu_mb(),
-                    bn=_bn_summary(outcome, cfg), outputs=written, capture_waited=captured.waited,
-                    activations=_activation_summary(cfg, act_layers, act_scales, sorted(act_skip)),
-                    notes=loaded.notes + act_notes + unmatched_notes(cfg, loaded.found, loaded.scan),
-                    model=loaded.name, model_sha256=digest, calibration=described,
-                    weights=_weights(loaded, kept, outcome.edits if outcome.kept else ()), versions=versions(),
-                    quantized_model=None if cfg.output else out)
-    if cfg.report:
-        try:
+    written = []
+    try:        # a failed or interrupted run leaves no output behind
+        with _stage(stages, "export"):
+            written = save_model(out, cfg.output, external=True if loaded.external else None) if cfg.output else []
+            _check_output(out, written, calib, loaded)
+        report = Report(settings=_settings(cfg, opset, loaded.name), layers=stats, skipped=loaded.scan.skipped,
+                        stages=stages, samples=captured.samples, device=device.name,
+                        storage=_storage(cfg, opset, kept), peak_rss_mb=peak_rss_mb(),
+                        peak_gpu_mb=device.peak_gpu_mb(), bn=_bn_summary(outcome, cfg), outputs=written,
+                        capture_waited=captured.waited,
+                        activations=_activation_summary(cfg, act_layers, act_scales, sorted(act_skip)),
+                        notes=loaded.notes + act_notes + unmatched_notes(cfg, loaded.found, loaded.scan),
+                        model=loaded.name, model_sha256=digest, calibration=described,
+                        weights=_weights(loaded, kept, outcome.edits if outcome.kept else ()), versions=versions(),
+                        quantized_model=None if cfg.output else out)
+        if cfg.report:
             write_json(report, cfg.report)
-        except UserError:       # a failed run leaves no output behind
-            for path in written:
-                os.unlink(path)
-            raise
-    return report
-
-
-def _check_output(out: onnx.ModelProto, written: list, calib, loaded: Loaded, cfg: QuantizeConfig) -> None:
-    """Check that onnxruntime's default session runs the model written on one calibration sample
-    (only loads it where there is no data it can read again); remove the files otherwise."""
-    feed = _first_sample(calib, model_inputs(loaded.model))
-    try:
-        if written:
-            check_runs(written[0], feed, written[0], _OUTPUT_FIX)
-        else:
-            with serialized(out) as source:
-                check_runs(source, feed, "the quantized model", _OUTPUT_FIX)
-    except UserError:
+    except BaseException:
         for path in written:
             os.unlink(path)
         raise
+    return report
+
+
+def _check_output(out: onnx.ModelProto, written: list, calib, loaded: Loaded) -> None:
+    """Check that onnxruntime's default session runs the model written on one calibration sample
+    (only loads it where there is no data it can read again)."""
+    feed = _first_sample(calib, model_inputs(loaded.model))
+    if written:
+        check_runs(written[0], feed, written[0], _OUTPUT_FIX)
+        return
+    with serialized(out) as source:
+        check_runs(source, feed, "the quantized model", _OUTPUT_FIX)
 
 
 _OUTPUT_FIX = ("nothing was written; please report it with the command and the model's inspect output, and try "
@@ -288,7 +286,7 @@ def _stage(stages: dict, name: str):
     try:
         yield
     finally:
-        stages[name] = time.perf_counter() - start
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
 
 
 def _storage(cfg: QuantizeConfig, opset: int, qlayers: list) -> str:

@@ -9,6 +9,7 @@ import tempfile
 import onnx
 
 from ..errors import UserError, cannot_read, cannot_write, option
+from ..files import publishing
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -147,11 +148,17 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
                         all_tensors_to_one_file=True, location=name + ".data", size_threshold=threshold)
         onnx.checker.check_model(tmp_model)
         written = []
-        if os.path.exists(os.path.join(tmp, name + ".data")):   # absent if every tensor was small
-            os.replace(os.path.join(tmp, name + ".data"), os.path.join(out_dir, name + ".data"))
-            written.append(os.path.join(out_dir, name + ".data"))
-        os.replace(tmp_model, os.path.join(out_dir, name))
-        written.insert(0, os.path.join(out_dir, name))
+        try:
+            with publishing(out_dir):
+                if os.path.exists(os.path.join(tmp, name + ".data")):   # absent if every tensor was small
+                    os.replace(os.path.join(tmp, name + ".data"), os.path.join(out_dir, name + ".data"))
+                    written.append(os.path.join(out_dir, name + ".data"))
+                os.replace(tmp_model, os.path.join(out_dir, name))
+                written.insert(0, os.path.join(out_dir, name))
+        except BaseException:       # an interrupt held back until the pair was in place: none of it stays
+            for path in written:
+                os.unlink(path)
+            raise
         return written
     except OSError as exc:
         raise cannot_write(path, exc) from None

@@ -1,0 +1,104 @@
+"""Signals and concurrent writers: a run that is stopped, or that races another, leaves either its
+whole output or nothing, and no temporary files."""
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import onnx
+
+import builders
+
+
+def _folder(tmp_path):
+    """m.onnx (a small conv model), ext.onnx (the same with its weights in ext.onnx.data, so that its
+    output has a data file too) and c.npz, its calibration data; returns the folder's file names."""
+    onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
+    onnx.save(builders.conv_stack(), tmp_path / "ext.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "c.npz", x=builders.rng(3).standard_normal((4, 3, 12, 12)).astype(np.float32))
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def _cli_with(tmp_path, patch: str, *args) -> subprocess.CompletedProcess:
+    """``onnxobq quantize *args --calib c.npz`` in a child whose ``patch`` (Python run first) sends
+    it a signal at a chosen point."""
+    code = "import os, signal, sys, time\n" + textwrap.dedent(patch) + textwrap.dedent("""
+        from onnxobq.__main__ import main
+        sys.argv = ["onnxobq", "quantize", *sys.argv[1:], "--calib", "c.npz", "-q"]
+        sys.exit(main())
+    """)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_sigterm_while_the_model_is_saved_leaves_nothing(tmp_path):
+    """(was: the process died at once, leaving a hidden .onnxobq-* folder with a half-written model)"""
+    before = _folder(tmp_path)
+    done = _cli_with(tmp_path, """
+        import onnx
+        real = onnx.save_model
+        def save(*a, **k):
+            real(*a, **k)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        onnx.save_model = save
+    """, "m.onnx", "-o", "q.onnx")
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "onnxobq: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_interrupt_between_the_renames_leaves_neither_file(tmp_path):
+    """Ctrl-C after the data file is renamed into place and before the model is (was: an
+    orphan q.onnx.data)."""
+    before = _folder(tmp_path)
+    done = _cli_with(tmp_path, """
+        real = os.replace
+        def replace(src, dst):
+            real(src, dst)
+            if str(dst).endswith(".data"):
+                os.kill(os.getpid(), signal.SIGINT)
+        os.replace = replace
+    """, "ext.onnx", "-o", "q.onnx")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "onnxobq: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+    """(was: a KeyboardInterrupt traceback)"""
+    code = textwrap.dedent("""
+        import sys
+        class Stop:
+            def find_spec(self, name, *a):
+                if name == "click":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Stop())
+        from onnxobq.__main__ import main
+        sys.exit(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", code, "inspect", "m.onnx"], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (130, "onnxobq: interrupted\n")
+
+
+def test_two_runs_publish_one_at_a_time(tmp_path):
+    """While one run renames its model and data file into a folder, another waits: each output
+    pair is one run's (was: one run's model with the other's data, "offset out of bounds")."""
+    from onnxobq.files import publishing
+    events = []
+
+    def second():
+        with publishing(str(tmp_path)):
+            events.append("second")
+
+    with publishing(str(tmp_path)):
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(0.3)
+        events.append("first done")
+    other.join(10)
+    assert events == ["first done", "second"]
