@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 # Python parameters that take a dict; a value "key=..." names one entry.
 _KEYED = ("input_shapes", "layer_bits", "layer_group_size")
@@ -56,6 +57,19 @@ def in_context(fn):
     call runs in its own copy: a context can be entered by one thread at a time)."""
     context = contextvars.copy_context()
     return lambda *args, **kwargs: context.copy().run(fn, *args, **kwargs)
+
+
+def check_utf8_path(what: str, path) -> None:
+    """Refuse a path whose bytes are not UTF-8 (Python holds them as surrogates): onnx's checker
+    cannot open it, and it cannot be printed. ``what``: the option that gave it."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(f"{option(what)} {shown}: the path is not valid UTF-8, which onnx cannot open; "
+                        "rename it with UTF-8 characters only") from None
+    except TypeError:
+        pass
 
 
 def cannot_read(what: str, exc: OSError) -> UserError:

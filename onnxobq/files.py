@@ -13,7 +13,7 @@ import signal
 import tempfile
 import threading
 
-from .errors import UserError, cannot_write, option
+from .errors import UserError, cannot_write, check_utf8_path, option
 
 
 def default_output(model: str, bits: int, method: str, fmt: str, group_size: int | None = None,
@@ -44,6 +44,7 @@ def check_outputs(written: dict, inputs: dict, model_files: list[str], overwrite
     for name, path in written.items():
         if path is None:
             continue
+        check_utf8_path(name, path)
         shown, real = option(name, path), os.path.realpath(path)
         example = ("a file name ending in .onnx" if name == "output"
                    else "a file name, e.g. " + ("hessians.npz" if name == "save_hessians" else "report.json"))

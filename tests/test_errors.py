@@ -766,3 +766,37 @@ def test_compare_of_models_without_float_outputs(capsys, work):
     expect_error(capsys, work, ["compare", "argmax.onnx", "argmax.onnx", "--calib", "random"],
                  names=["argmax.onnx: has no floating-point output to compare (its outputs: 'label' (int64))"],
                  fix="compare models whose outputs are floats, or measure your own metric on their outputs")
+
+
+# ----------------------------------------------------------------------------- names that are not UTF-8
+
+def _bad_name_model(work):
+    data = bytearray(builders.conv_stack().SerializeToString())
+    data[data.find(b"conv1")] = 0xFF       # the first Conv's node name
+    (work / "badname.onnx").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", [["inspect", "badname.onnx"],
+                                     ["quantize", "badname.onnx", "--method", "rtn", "-o", "q.onnx"],
+                                     ["compare", "badname.onnx", "m.onnx", "--calib", "random"]])
+def test_a_node_name_that_is_not_utf8(capsys, work, command):
+    """(was: tracebacks from inspect's table and graphsurgeon's export)"""
+    _bad_name_model(work)
+    expect_error(capsys, work, command, names=["badname.onnx: the name '\\xffonv1' is not valid UTF-8"],
+                 fix="export the model again with UTF-8 names")
+
+
+def test_a_model_path_that_is_not_utf8(capsys, work):
+    """(was: "fails onnx.checker", as its binding cannot take the path)"""
+    import os
+    name = os.fsdecode(b"\xffm.onnx")
+    (work / name).write_bytes((work / "m.onnx").read_bytes())
+    expect_error(capsys, work, ["quantize", name, "--method", "rtn", "-o", "q.onnx"],
+                 names=["MODEL \\xffm.onnx: the path is not valid UTF-8"], fix="rename it with UTF-8 characters only")
+
+
+def test_an_output_path_that_is_not_utf8(capsys, work):
+    """(was: a TypeError traceback from onnx's checker)"""
+    import os
+    expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", os.fsdecode(b"\xffq.onnx")],
+                 names=["\\xffq.onnx: the path is not valid UTF-8"], fix="rename it with UTF-8 characters only")

@@ -8,7 +8,7 @@ import tempfile
 
 import onnx
 
-from ..errors import UserError, cannot_read, cannot_write, option
+from ..errors import UserError, cannot_read, cannot_write, check_utf8_path, option
 from ..files import publishing
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of it.
@@ -39,12 +39,37 @@ def load(model) -> tuple[onnx.ModelProto, str, list[str]]:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{option('model')}: the model fails onnx.checker ({first}); fix the export") from None
+        check_names(model, option("model"))
         return model, option("model") + " (in memory)", []
     if not isinstance(model, (str, os.PathLike)):
         raise UserError(f"{option('model')}: a {type(model).__name__} is not a model; give the path of an .onnx "
                         "file or an onnx.ModelProto")
     path = os.fspath(model)
+    check_utf8_path("model", path)
     return load_model(path), path, [path, *external_data_files(path)]
+
+
+def check_names(model: onnx.ModelProto, shown: str) -> None:
+    """Refuse a model whose node, tensor or value names are not valid UTF-8."""
+    def names(graph):
+        for node in graph.node:
+            yield node.name, node.op_type, *node.input, *node.output
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from names(attr.g)
+                for g in attr.graphs:
+                    yield from names(g)
+        for t in graph.initializer:
+            yield (t.name,)
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            yield (v.name,)
+    try:        # protobuf hands such a name back as bytes, or raises where it decodes it
+        bad = next((name for group in names(model.graph) for name in group if isinstance(name, bytes)), None)
+    except UnicodeDecodeError as exc:
+        bad = exc.object
+    if bad is not None:
+        raise UserError(f"{shown}: the name '{bad.decode('utf-8', 'backslashreplace')}' is not valid UTF-8, which "
+                        "ONNX requires; export the model again with UTF-8 names") from None
 
 
 def load_model(path: str) -> onnx.ModelProto:
@@ -67,6 +92,7 @@ def load_model(path: str) -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path}: not an ONNX model (no graph or no opset); "
                         "export the model to ONNX again")
+    check_names(model, path)
     try:
         onnx.checker.check_model(path)
     except Exception as exc:
