@@ -613,3 +613,27 @@ def test_a_spread_replay_with_nothing_kept_reads_once_for_every_pass(tmp_path, m
     cut = spread(Replay(cfg), 4, inputs)                   # as with --hessians: no capture pass
     assert [firsts(batches(cut, inputs)) for _ in range(4)] == [[[0, 2], [5, 7]]] * 4
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_png_is_read_on_the_8_bit_scale(tmp_path, channels):
+    """(was: clipped at 255 by Pillow's convert, 96% of this image's pixels saturated)"""
+    from PIL import Image
+    from onnxobq.calibration.images import preprocess_image
+    from onnxobq.config import ImageOptions
+    wide = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    x = preprocess_image(str(tmp_path / "g16.png"), ImageOptions(), "nchw", channels, (64, 64))
+    assert x.shape == (channels, 64, 64)
+    np.testing.assert_allclose(x, np.broadcast_to(wide / 65535.0, x.shape), atol=1e-6)
+
+
+def test_a_float_image_is_refused(tmp_path, flags):
+    from PIL import Image
+    from onnxobq.calibration.images import preprocess_image
+    from onnxobq.config import ImageOptions
+    from onnxobq.errors import UserError
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), mode="F").save(tmp_path / "f.tiff")
+    with pytest.raises(UserError, match=r"f.tiff: a float image \(values from 0 to 1\), whose range is unknown; "
+                                        "save the images as 8- or 16-bit PNG or JPEG"):
+        preprocess_image(str(tmp_path / "f.tiff"), ImageOptions(), "nchw", 1, (8, 8))

@@ -88,20 +88,42 @@ def preprocess_image(path: str, opts: ImageOptions, layout: str, channels: int, 
 
     try:
         img = Image.open(path)
-        img = img.convert("L" if channels == 1 else "RGB")
+        img = _as_eight_bit_range(img, path) if img.mode in WIDE_MODES else img.convert("L" if channels == 1 else "RGB")
     except PermissionError as exc:
         raise cannot_read(option("calibration", path), exc) from None
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"{option('calibration', path)}: cannot decode the image ({type(exc).__name__}); "
                         "remove or replace the file") from None
     x = _resize(img, opts, size)
     if x.ndim == 2:
         x = x[..., None]        # (H, W, 1): mean/std broadcast over the channel, never the width
+    if x.shape[2] != channels:  # a 16-bit grey image for a colour input
+        x = np.repeat(x, channels, axis=2)
     if channels == 3 and opts.channel_order == "bgr":
         x = x[..., ::-1]
     x = x * (1.0 / 255.0 if opts.scale is None else opts.scale)
     x = (x - np.asarray(opts.mean, np.float32)) / np.asarray(opts.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1) if layout == "nchw" else x, dtype=np.float32)
+
+
+# Pillow's modes for one channel of more than 8 bits (16-bit PNGs open as I;16 or I). Its
+# convert("L") would clip their values at 255 (96% of a 16-bit image's pixels saturated).
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _as_eight_bit_range(img, path: str):
+    """A 16-bit grey image as a float image on 0..255 (its values / 257), as its 8-bit version
+    would have them."""
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float32)
+    if img.mode == "F" or a.min() < 0 or a.max() > 65535:
+        raise UserError(f"{option('calibration', path)}: a {'float' if img.mode == 'F' else '32-bit integer'} image "
+                        f"(values from {a.min():g} to {a.max():g}), whose range is unknown; save the images as 8- or "
+                        "16-bit PNG or JPEG")
+    return Image.fromarray(a / 257.0, mode="F")
 
 
 def _resize(img, opts: ImageOptions, size) -> np.ndarray:
