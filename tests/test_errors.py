@@ -6,6 +6,7 @@ no ``.onnxobq-*`` temporary left behind, and the input model untouched.
 """
 import json
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -800,3 +801,24 @@ def test_an_output_path_that_is_not_utf8(capsys, work):
     import os
     expect_error(capsys, work, ["quantize", "m.onnx", "--method", "rtn", "-o", os.fsdecode(b"\xffq.onnx")],
                  names=["\\xffq.onnx: the path is not valid UTF-8"], fix="rename it with UTF-8 characters only")
+
+
+def test_weights_near_the_dtypes_largest_value_stay_in_float(capsys, work):
+    """(was: Inf outputs and a NumPy overflow warning with an asymmetric grid)"""
+    import onnxruntime as ort
+    m = builders.conv_stack()
+    for t in m.graph.initializer:
+        if t.name == "wg":
+            a = numpy_helper.to_array(t).copy()
+            a[0, 0], a[0, 1] = 3.4e38, -3.4e38
+            t.CopyFrom(numpy_helper.from_array(a, "wg"))
+    onnx.save(m, work / "huge.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        code, out, err = cli(capsys, "quantize", "huge.onnx", "--calib", "random", "--asymmetric", "-o", "q.onnx")
+    assert code == 0, err
+    assert ("skipped: fc (Gemm): the weight has values up to 3.4e+38, which leave no room below float32's largest "
+            "value for a scale and its rounding") in out
+    x = builders.rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert np.isfinite(ort.InferenceSession(str(work / "q.onnx")).run(None, {"x": x})[0]).all()
+

@@ -21,6 +21,11 @@ UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported (TensorRT ha
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 
+# A weight whose magnitude passes this fraction of its dtype's largest value is left in float: an
+# asymmetric grid's range is up to twice it, and a solver may pick any code on the grid, so a
+# dequantized value can reach twice it and overflow to Inf (weights of +-3.4e38 in float32 did).
+HUGE_WEIGHT = 0.25
+
 def constant_holder(tensor) -> gs.Constant | None:
     """The gs.Constant that holds a weight or bias value: the initializer itself, or the
     ``value`` attribute of the Constant node that produces it."""
@@ -130,6 +135,9 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
                 reason = f"the weight has dtype {w.dtype} (only float weights)"
             elif not np.isfinite(w).all():
                 reason = "the weight has NaN or Inf values"
+            elif (top := float(np.abs(w).max(initial=0.0))) > HUGE_WEIGHT * np.finfo(w.dtype).max:
+                reason = (f"the weight has values up to {top:.3g}, which leave no room below {w.dtype}'s largest "
+                          "value for a scale and its rounding")
             else:
                 found = _describe(node, name, w, source)
                 if isinstance(found, Layer):
