@@ -81,6 +81,8 @@ def session(model: onnx.ModelProto, extra: dict[str, int], runtime: str = "cpu",
     try:
         with serialized(model) as source:
             return ort.InferenceSession(source, opts, providers=providers(runtime))
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"onnxruntime cannot run the model ({_one_line(exc)}); "
                         "check that it runs with onnxruntime before quantizing") from None

@@ -140,10 +140,20 @@ def serialized(model: onnx.ModelProto):
     if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
         yield model.SerializeToString()
         return
-    with tempfile.TemporaryDirectory(prefix="onnxobq-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+    tmp = None
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxobq-"))
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(Exception):
+                    onnx.load_external_data_for_model(model, tmp)
+            raise UserError(f"{tempfile.gettempdir()}: cannot write the temporary copy of the model that onnxruntime "
+                            f"reads past 2 GB ({exc.strerror or type(exc).__name__}); free space there, or set "
+                            "TMPDIR to a folder with room") from None
         onnx.load_external_data_for_model(model, tmp)   # saving moved the weights out: bring them back
         yield path
 

@@ -1,4 +1,6 @@
 """Models past protobuf's 2 GiB limit, simulated by lowering the limit."""
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -80,3 +82,25 @@ def test_an_atomically_written_file_gets_the_mode_of_a_file_written_in_place(tmp
     with open(tmp_path / "plain", "w") as f:
         f.write("{}")
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+def test_a_full_temporary_folder_is_named_as_such(monkeypatch, tmp_path, capsys):
+    """(was: "onnxruntime cannot run the model")"""
+    import errno
+    import tempfile
+    onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    real = onnx.save_model
+
+    def full(model, path, *a, **k):
+        if os.path.basename(os.path.dirname(str(path))).startswith("onnxobq-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--calib", "random", "-o", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"onnxobq: error: {tempfile.gettempdir()}: cannot write the temporary copy of the "
+                                 "model that onnxruntime reads past 2 GB (No space left on device); free space there, "
+                                 "or set TMPDIR to a folder with room\n")
+    assert not (tmp_path / "q.onnx").exists()
