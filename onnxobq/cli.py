@@ -6,8 +6,10 @@ with the flags (FLAGS); the results are shown as tables and a summary.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 
 import click
@@ -350,12 +352,21 @@ def quantize(model, output, bits, method, order, damp, damp_mode, block, symmetr
         op_types=tuple(op for ops in op_types for op in ops), layer_bits=layer_bits,
         layer_group_size=layer_group_size, device=device, precision=precision, report=report_path,
         hessians=hessians_path, save_hessians=save_hessians, overwrite=overwrite, progress=BarProgress(not quiet))
-    if not quiet:
-        click.echo(layer_table(report))
-        click.echo()
-    for line in summary_lines(report):
-        if not quiet or line.startswith("wrote"):
-            click.echo(line)
+    try:
+        if not quiet:
+            click.echo(layer_table(report))
+            click.echo()
+        for line in summary_lines(report):
+            if not quiet or line.startswith("wrote"):
+                click.echo(line)
+    except BrokenPipeError:     # the reader stopped (| head): the run itself is done
+        raise
+    except OSError as exc:      # stdout on a full disk, say: a run that reports failure leaves no output
+        for path in [*report.outputs, report_path, save_hessians]:
+            if path and os.path.exists(path):
+                os.unlink(path)
+        raise UserError(f"standard output: cannot write the summary ({exc.strerror or type(exc).__name__}); "
+                        "nothing was kept: send the output where it can be written, or give -q") from None
 
 
 @cli.command()
@@ -458,6 +469,9 @@ def main(argv=None) -> int:
         BarProgress.close_all()
         click.echo(f"onnxobq: error: {_one_line(str(e))}", err=True)
         return 2
+    except BrokenPipeError:      # the reader of stdout stopped (onnxobq inspect | head): as head expects
+        _quiet_stdout()
+        return 0
     except MemoryError:
         BarProgress.close_all()
         click.echo("onnxobq: error: out of memory; use fewer --samples, a smaller --batch-size, "
@@ -477,6 +491,13 @@ def main(argv=None) -> int:
     finally:
         BarProgress.close_all()
     return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _one_line(text: str) -> str:

@@ -102,3 +102,42 @@ def test_two_runs_publish_one_at_a_time(tmp_path):
         events.append("first done")
     other.join(10)
     assert events == ["first done", "second"]
+
+
+def _command(*args) -> list[str]:
+    return [sys.executable, "-c", "import sys; from onnxobq.__main__ import main; sys.exit(main())", *args]
+
+
+def test_a_summary_that_cannot_be_written_keeps_no_output(tmp_path):
+    """stdout on a full disk (was: exit 2 with the model left in place)"""
+    import os
+    import pytest
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    before = _folder(tmp_path)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(_command("quantize", "m.onnx", "--method", "rtn", "-o", "q.onnx"), cwd=tmp_path,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == ("onnxobq: error: standard output: cannot write the summary (No space left on device); "
+                           "nothing was kept: send the output where it can be written, or give -q\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path):
+    """onnxobq inspect --json | head -c 10 (was: exit 1): the listing of 600 layers is past a
+    pipe's 64 KiB, so the child is still writing when the reader stops."""
+    from onnx import helper, numpy_helper
+    w = [numpy_helper.from_array(np.eye(2, dtype=np.float32), f"w{i}") for i in range(600)]
+    nodes = [helper.make_node("MatMul", [f"h{i}" if i else "x", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}")
+             for i in range(600)]
+    onnx.save(builders.make_model(nodes, [builders.fvi("x", [None, 2])], [builders.fvi("h600", [None, 2])], w),
+              tmp_path / "long.onnx")
+    child = subprocess.Popen(_command("inspect", "--json", "long.onnx"), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, bufsize=0)
+    first = child.stdout.read(10)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert first and child.wait(60) == 0 and err == ""
+    whole = subprocess.run(_command("inspect", "--json", "long.onnx"), cwd=tmp_path, capture_output=True, timeout=60)
+    assert len(whole.stdout) > 1 << 16
