@@ -330,13 +330,13 @@ def test_bn_passes_with_no_whole_batch_are_skipped_with_a_note(data, tmp_path, f
 
 
 def test_a_conv_whose_outputs_overflow_is_not_corrected_and_says_why(tmp_path):
-    """conv1's outputs overflow to inf (weights of 1e38) while the clipped model output stays
+    """conv1's outputs overflow to inf (weights of 8e37) while the clipped model output stays
     finite: conv1 is left uncorrected with a note (and not counted), conv2 is corrected, and
     nothing warns."""
     import warnings
     from onnx import helper, numpy_helper
     r = np.random.default_rng(8)
-    w1 = np.full((4, 2, 3, 3), 1e38, np.float32)
+    w1 = np.full((4, 2, 3, 3), 8e37, np.float32)   # under graph.layers.HUGE_WEIGHT, so quantized
     w2 = (0.3 * r.standard_normal((3, 2, 1, 1))).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Clip", ["c1", "lo", "hi"], ["y"], name="clip"),
