@@ -21,6 +21,11 @@ from .graph.io import serialized, tensor_bytes
 from .types import InputSpec, fmt_shape
 
 
+# onnxruntime's default logger prints its errors on stderr beside onnxobq's one line, which
+# carries their message: only fatal ones.
+ort.set_default_logger_severity(4)
+
+
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's real inputs (initializers listed as inputs by old exporters are left out)."""
     inits = {t.name for t in model.graph.initializer}
@@ -54,7 +59,7 @@ def session_options(spin: bool = True) -> ort.SessionOptions:
             where NumPy's BLAS shares the cores between forward passes.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4     # fatal only: onnxobq's one-line errors carry onnxruntime's message
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -208,13 +213,17 @@ def side_by_side(fn: Callable, items: Iterable, states: list) -> Iterator:
 
 
 def run(sess: ort.InferenceSession, names: list[str], feed: dict) -> dict[str, np.ndarray]:
-    """Run a session, turning a bad feed into a UserError that names the input."""
+    """Run a session, turning a bad feed into a UserError that names the input, and a failure
+    inside the model into one that says so."""
     try:
         return dict(zip(names, sess.run(names, feed)))
     except Exception as exc:
-        why = _feed_mismatch(sess, feed) or _one_line(exc)
-        raise UserError(f"onnxruntime rejected the calibration batch ({why}); "
-                        "check the calibration data's shapes and dtypes against the model inputs") from None
+        mismatch = _feed_mismatch(sess, feed)
+        if mismatch:
+            raise UserError(f"onnxruntime rejected the calibration batch ({mismatch}); "
+                            "check the calibration data's shapes and dtypes against the model inputs") from None
+        raise UserError(f"onnxruntime failed inside the model on a calibration batch that fits its inputs "
+                        f"({_one_line(exc)}); check that the model runs in onnxruntime on this data") from None
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -822,3 +822,18 @@ def test_weights_near_the_dtypes_largest_value_stay_in_float(capsys, work):
     x = builders.rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
     assert np.isfinite(ort.InferenceSession(str(work / "q.onnx")).run(None, {"x": x})[0]).all()
 
+
+
+def test_a_model_that_fails_inside_onnxruntime_is_one_line_on_stderr(capfd, work):
+    """A Reshape that cannot hold the batch fails in onnxruntime's kernel (was: onnxruntime's own
+    coloured log line on stderr too, and a message that blamed the data's shapes)."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
+    model = builders.make_model(nodes, [builders.fvi("x", [None, 4])], [builders.fvi("y", [3])],
+                                [numpy_helper.from_array(np.array([3], np.int64), "shape")])
+    onnx.save(model, work / "reshape.onnx")
+    code = main(["compare", "reshape.onnx", "reshape.onnx", "--calib", "random"])
+    out, err = capfd.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("onnxobq: error: onnxruntime failed inside the model on a calibration batch that fits its "
+                          "inputs (")
+    assert err.endswith("); check that the model runs in onnxruntime on this data\n")
