@@ -153,7 +153,24 @@ def scan_layers(graph: gs.Graph) -> LayerScan:
                     continue
                 reason = found
         scan.skipped.append(Skipped(name, node.op, wname, reason))
+    scan.skipped.extend(_in_subgraphs(graph, seen))
     return scan
+
+
+def _in_subgraphs(graph: gs.Graph, seen: set) -> list[Skipped]:
+    """The Conv, Gemm and MatMul nodes inside If, Loop and Scan bodies, at any depth: onnxruntime
+    cannot return their inputs, so no Hessian can be captured for them."""
+    found = []
+    for node in graph.nodes:
+        for body in (v for v in node.attrs.values() if isinstance(v, gs.Graph)):
+            for i, inner in enumerate(body.nodes):
+                if inner.op in QUANTIZABLE_OPS:
+                    weight = inner.inputs[1].name if len(inner.inputs) > 1 else ""
+                    found.append(Skipped(_unique_name(inner, i, seen), inner.op, weight,
+                                         f"inside the body of {node.op} node '{node.name or node.op}' (onnxobq "
+                                         "quantizes the main graph's layers)"))
+            found.extend(_in_subgraphs(body, seen))
+    return found
 
 
 def float_constants(graph: gs.Graph) -> dict[str, tuple[str, int]]:

@@ -110,4 +110,24 @@ def test_a_weight_also_used_inside_an_if_body_is_not_one_layer():
     s = scan(m)
     assert not s.layers
     assert [(k.name, k.reason) for k in s.skipped] == [
-        ("outer", "the weight is shared by 2 nodes of other ops, attributes, inputs or graphs")]
+        ("outer", "the weight is shared by 2 nodes of other ops, attributes, inputs or graphs"),
+        ("inner", "inside the body of If node 'if' (onnxobq quantizes the main graph's layers)")]
+
+
+def test_a_conv_inside_an_if_branch_is_listed_as_left_in_float():
+    """(was: neither quantized nor listed by inspect)"""
+    from onnx import TensorProto
+    w = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "wb")
+    then = helper.make_graph([helper.make_node("Conv", ["x", "wb"], ["t"], name="branch_conv")], "then", [],
+                             [builders.fvi("t", [None, 3, 12, 12])], [w])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [builders.fvi("e", [None, 3, 12, 12])])
+    model = builders.make_model([helper.make_node("If", ["cond"], ["y"], name="gate", then_branch=then,
+                                                  else_branch=other)],
+                                [builders.fvi("x", [None, 3, 12, 12]), helper.make_tensor_value_info("cond",
+                                                                                                     TensorProto.BOOL, [])],
+                                [builders.fvi("y", [None, 3, 12, 12])])
+    found = scan(model)
+    assert found.layers == []
+    assert [(s.name, s.op, s.weight, s.reason) for s in found.skipped] == [
+        ("branch_conv", "Conv", "wb", "inside the body of If node 'gate' (onnxobq quantizes the main graph's layers)")]
