@@ -89,27 +89,24 @@ def sum_targets(layers: list[Layer]) -> tuple[dict, dict]:
     """Which running sums a capture keeps, and which layer inputs go into which.
 
     Each distinct read of an input (a use's hessian_key: the tensor and how it is unfolded)
-    is multiplied once per batch. A shared weight's Hessian is that of all its uses,
-    sum_u N_u H_u / sum_u N_u: a use only it reads accumulates into its own sum, and a use
-    that other layers read the same way (a RetinaNet head's first conv beside the box head's,
-    on the same level) into a sum of that read, merged into each of theirs at the end.
+    is multiplied once per batch, into a sum of that read. A shared weight's Hessian is that of
+    all its uses, sum_u N_u H_u / sum_u N_u, merged from their sums at the end; a read that
+    other layers make the same way (a RetinaNet head's first conv beside the box head's, on the
+    same level) is merged into each of theirs.
 
     Returns:
         (targets, reads): hessian_key of each layer -> the keys of the sums that make its
         Hessian; and each read's key -> (the key of the sum it goes into, the use that reads it).
     """
-    readers: dict = {}
-    for layer in layers:
-        for use in layer.each_use():
-            readers.setdefault(use.hessian_key, {})[layer.hessian_key] = None
     targets, reads = {}, {}
     for layer in layers:
         keys = {}
         for use in layer.each_use():
-            only = len(readers[use.hessian_key]) == 1
-            key = layer.hessian_key if only else use.hessian_key
-            keys[key] = None
-            reads.setdefault(use.hessian_key, (key, use))
+            # each read its own sum: one thread adds to a sum per batch, so the uses of a shared
+            # weight (several reads) must not share one (they raced: the Hessian changed from run
+            # to run by up to 280 times its entries)
+            keys[use.hessian_key] = None
+            reads.setdefault(use.hessian_key, (use.hessian_key, use))
         targets.setdefault(layer.hessian_key, list(keys))
     return targets, reads
 

@@ -59,6 +59,32 @@ def test_a_shared_weight_gets_the_hessian_of_all_its_uses(tmp_path):
     assert set(got.hessians) == {l.hessian_key for l in scan.layers}      # the uses' own are dropped
 
 
+def test_a_shared_weight_captured_on_two_threads_in_many_batches_is_exact(tmp_path):
+    """x -> Conv -> p; one 3 x 3 weight of 288 columns reads x and p. Its two reads are multiplied
+    on two threads at once: each goes into its own sum (they went into one, and the Hessian
+    changed from run to run by up to 280 times its entries)."""
+    from onnx import helper, numpy_helper
+    r = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((0.2 * r.standard_normal((32, 32, 1, 1))).astype(np.float32), "wa"),
+             numpy_helper.from_array((0.1 * r.standard_normal((8, 32, 3, 3))).astype(np.float32), "ws")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["p"], name="mix"),
+             helper.make_node("Conv", ["x", "ws"], ["y1"], name="shared_x", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "ws"], ["y2"], name="shared_p", pads=[1, 1, 1, 1])]
+    out = [builders.fvi(n, [None, c, 16, 16]) for n, c in (("p", 32), ("y1", 8), ("y2", 8))]
+    model = builders.make_model(nodes, [builders.fvi("x", [None, 32, 16, 16])], out, inits)
+    layers = scan_layers(gs.import_onnx(model)).layers
+    shared = next(l for l in layers if l.name == "shared_x")
+    assert shared.uses
+    x = r.standard_normal((16, 32, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    p = builders.run(model, {"x": x})[0]
+    want = 2 * (brute_force_conv_hessian(x, shared) + brute_force_conv_hessian(p, shared)) / (2 * 16 * 256)
+    for _ in range(3):
+        got = capture_hessians(model, layers, CalibConfig(source=str(tmp_path / "c.npz"), batch_size=1),
+                               builders.cpu(cores=2))
+        np.testing.assert_allclose(got.hessians[shared.hessian_key], want, rtol=1e-4, atol=1e-4)
+
+
 def test_an_input_read_the_same_way_by_a_shared_and_another_layer_is_multiplied_once(tmp_path, monkeypatch):
     """p3 is read with the 3 x 3 geometry by the shared head's first use and by the other conv:
     one product per batch for both; the stem's, the down conv's and the head's p4 read make 4."""

@@ -121,7 +121,7 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         return outcome
     if bns and (shift := trained_std_shift(bns, ref.moments)) > MAX_TRAINED_SHIFT:
         outcome.notes.append(f"skipped: the calibration data does not look like the data the model was trained on "
-                             f"(its BatchNorm inputs' std differs from the trained one by a factor of {np.exp(shift):.2f}, "
+                             f"(its BatchNorm inputs' std differs from the trained one by a factor of {np.exp(min(shift, 700.0)):.3g}, "
                              "the median over their channels); check its pre-processing")
         return outcome
     q_model = build_model(model, qlayers, "fake", opset, symmetric)
