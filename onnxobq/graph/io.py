@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 import onnx
+from onnx.external_data_helper import set_external_data
 
 from ..errors import UserError, cannot_read, cannot_write, check_utf8_path, option
 from ..files import publishing
@@ -158,6 +159,15 @@ def serialized(model: onnx.ModelProto):
         yield path
 
 
+def _initializers(graph: onnx.GraphProto):
+    """The initializers of a graph and of the graphs in its nodes' attributes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _initializers(sub)
+
+
 def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) -> list[str]:
     """Write a model atomically: to a temporary folder beside ``path``, checked, then renamed.
 
@@ -180,8 +190,13 @@ def save_model(model: onnx.ModelProto, path: str, external: bool | None = None) 
     try:
         tmp = tempfile.mkdtemp(prefix=".onnxobq-", dir=out_dir)
         tmp_model = os.path.join(tmp, name)
-        onnx.save_model(model, tmp_model, save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=name + ".data", size_threshold=threshold)
+        if external:    # marked here: onnx's own marking refuses a data file of that name in the working directory
+            for tensor in _initializers(model.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+                    set_external_data(tensor, name + ".data")
+        onnx.save_model(model, tmp_model)
+        if os.path.exists(tmp_model + ".data"):     # onnx writes it 0600; the model beside it gets the umask's mode
+            os.chmod(tmp_model + ".data", os.stat(tmp_model).st_mode & 0o777)
         onnx.checker.check_model(tmp_model)
         written = []
         try:

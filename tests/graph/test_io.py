@@ -104,3 +104,17 @@ def test_a_full_temporary_folder_is_named_as_such(monkeypatch, tmp_path, capsys)
                                  "model that onnxruntime reads past 2 GB (No space left on device); free space there, "
                                  "or set TMPDIR to a folder with room\n")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_output_with_a_data_file_is_replaced_from_its_own_folder(monkeypatch, tmp_path, capsys):
+    """Quantizing a model with external data again, with --overwrite, from the output's folder
+    (was: "cannot write it (FileExistsError)", from onnx's check for a data file of that name in
+    the working directory); the data file gets the model file's mode (onnx writes it 0600)."""
+    onnx.save(builders.conv_stack(), tmp_path / "ext.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["quantize", "ext.onnx", "--method", "rtn", "-o", "q.onnx", "--overwrite", "-q"]) == 0, \
+            capsys.readouterr().err
+    assert (tmp_path / "q.onnx.data").exists()
+    assert (tmp_path / "q.onnx.data").stat().st_mode & 0o777 == (tmp_path / "q.onnx").stat().st_mode & 0o777
