@@ -169,6 +169,7 @@ def load_stage(cfg: QuantizeConfig) -> Loaded:
     check_opset(converted, name, qdq, fix, fake)
     folded, found, notes = first if first and converted is model else scan_folded(converted)
     scan = exclude(found, cfg.exclude, cfg.op_types)
+    found = dataclasses.replace(found, weights={})     # the arrays of the layers left out are not kept
     check_layers(cfg, scan, name)
     check_blocked_matmuls(cfg, scan.layers, name)
     check_data(cfg)

@@ -23,7 +23,7 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...], op_types: tuple[str, ...
     ``op_types`` (when given), to the skipped list."""
     if not patterns and not op_types:
         return scan
-    keep = LayerScan(skipped=list(scan.skipped), weights=scan.weights, constants=scan.constants)
+    keep = LayerScan(skipped=list(scan.skipped), weights={}, constants=scan.constants)
     for layer in scan.layers:
         hit = next((p for p in patterns if matches(layer, p)), None)
         if op_types and layer.op not in op_types:
@@ -33,6 +33,7 @@ def exclude(scan: LayerScan, patterns: tuple[str, ...], op_types: tuple[str, ...
             keep.skipped.append(Skipped(layer.name, layer.op, layer.weight, f"{EXCLUDED} {option('exclude', hit)}"))
         else:
             keep.layers.append(layer)
+            keep.weights[layer.name] = scan.weights[layer.name]
     return keep
 
 

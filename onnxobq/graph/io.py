@@ -136,27 +136,61 @@ def serialized(model: onnx.ModelProto):
     """What onnxruntime can load the model from: its bytes, or, past protobuf's 2 GiB limit,
     the path of a temporary copy with external data (removed on exit).
 
-    The model is left as it was: its weights are read back after the copy is written.
+    The model is not changed: the copy's graph is built beside it and its large initializers
+    written out one at a time. (Saving the model itself with external data and reading its
+    weights back grew the model's protobuf arena by the weights' size on every session: a
+    2.2 GB model's BN stage peaked at 21 GB.)
     """
     if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
         yield model.SerializeToString()
         return
-    tmp = None
-    with contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="onnxobq-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
         try:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxobq-"))
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data", size_threshold=1024)
+            _write_light_copy(model, path, "model.onnx.data")
         except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(Exception):
-                    onnx.load_external_data_for_model(model, tmp)
             raise UserError(f"{tempfile.gettempdir()}: cannot write the temporary copy of the model that onnxruntime "
                             f"reads past 2 GB ({exc.strerror or type(exc).__name__}); free space there, or set "
                             "TMPDIR to a folder with room") from None
-        onnx.load_external_data_for_model(model, tmp)   # saving moved the weights out: bring them back
         yield path
+
+
+def _write_light_copy(model: onnx.ModelProto, path: str, location: str, threshold: int = 1024) -> None:
+    """Write ``model`` to ``path`` with its main graph's initializers over ``threshold`` bytes in
+    ``location`` beside it, without changing ``model``."""
+    light = onnx.ModelProto()
+    light.CopyFrom(_shell(model))
+    graph = light.graph
+    with open(os.path.join(os.path.dirname(path), location), "wb") as data:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or t.ByteSize() <= threshold:
+                graph.initializer.append(t)
+                continue
+            offset = data.tell()
+            data.write(t.raw_data)
+            out = graph.initializer.add()
+            out.name, out.data_type = t.name, t.data_type
+            out.dims.extend(t.dims)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                out.external_data.add(key=key, value=value)
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString())
+
+
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main graph's initializers."""
+    shell = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(shell, name, getattr(model, name))
+    shell.opset_import.extend(model.opset_import)
+    shell.metadata_props.extend(model.metadata_props)
+    shell.functions.extend(model.functions)
+    graph, source = shell.graph, model.graph
+    graph.name, graph.doc_string = source.name, source.doc_string
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(graph, name).extend(getattr(source, name))
+    return shell
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -90,14 +90,10 @@ def test_a_full_temporary_folder_is_named_as_such(monkeypatch, tmp_path, capsys)
     import tempfile
     onnx.save(builders.conv_stack(), tmp_path / "m.onnx")
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
-    real = onnx.save_model
-
     def full(model, path, *a, **k):
-        if os.path.basename(os.path.dirname(str(path))).startswith("onnxobq-"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(model, path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(io, "_write_light_copy", full)
     code = main(["quantize", str(tmp_path / "m.onnx"), "--calib", "random", "-o", str(tmp_path / "q.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and err == (f"onnxobq: error: {tempfile.gettempdir()}: cannot write the temporary copy of the "
