@@ -84,6 +84,7 @@ def run(cfg: QuantizeConfig, progress: Progress | None = None) -> Report:
     act_scales, act_notes = _activation_scales(cfg, act_layers, captured)
     with _stage(stages, "solve"):
         qlayers, stats = solve_all(loaded.scan, captured, cfg, device, progress)
+    loaded.scan.weights.clear()     # the float weights' copies: the codes replace them from here on
     opset = model_opset(loaded.model)
     outcome = BNOutcome(qlayers=qlayers)
     if cfg.bn.reestimate and cfg.calib is not None:

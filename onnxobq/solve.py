@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .quant import fit_grid
 from .selection import layer_grid
 from .solvers import METHODS
 from .solvers.common import relative_error, weighted_norms
+from .solvers.sweep import layer_order
 from .threads import LayerWorkers
 from .types import Captured, Layer, LayerScan, LayerStats, QuantizedLayer, from_matrix, to_matrix
 
@@ -131,7 +132,7 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
     """
     method, xp = METHODS[cfg.method], device.xp
     dtype = device.solve_dtype
-    W = _stack([to_matrix(l, w) for l, w in zip(layers, weights)], dtype, xp)
+    mats = [to_matrix(l, w) for l, w in zip(layers, weights)]
     Hw = None if hessians[0] is None else _stack(hessians, dtype, xp)
     bad_input = Hw is not None and not bool(xp.isfinite(Hw).all())
     if bad_input and len(layers) > 1:   # find which: each alone
@@ -139,31 +140,83 @@ def solve_stack(layers: list[Layer], weights: list[np.ndarray], hessians: list, 
                 for out in solve_stack(layers[i:i + 1], weights[i:i + 1], hessians[i:i + 1], cfg, device, rows[i:i + 1])]
     if bad_input:  # NaN/Inf activations (e.g. from a layer upstream left in float): no usable H
         method, Hw = METHODS["rtn"], None
-    grid = fit_grid(W, cfg.grid, xp)
-    synchronize(xp)
-    start = time.perf_counter()
-    if Hw is None:
-        res = method.solve(W, None, grid, xp=xp)
-    else:
-        res = method.solve(W, Hw, grid, order=cfg.order or method.default_order,
-                           block=cfg.block, damp=cfg.damp, xp=xp, kernel=device.sweep_kernel)
-    synchronize(xp)
-    seconds = time.perf_counter() - start
-    figures = _error_sums(W, res.Q, Hw, grid, xp) if Hw is not None else None
-    codes, scale, zero = to_numpy(res.codes), to_numpy(res.scale), to_numpy(res.zero)
-    B = grid.group_size
-    if B:       # per column, equal within each group: one per group
-        scale, zero = scale[..., ::B], zero[..., ::B]
-    out, g0, total = [], 0, W.shape[0]
+    parts = _solve_rows(mats, Hw, method, cfg, device)
+    B = parts.group_size
+    out, g0, total = [], 0, parts.codes.shape[0]
     for layer, n_rows in zip(layers, rows):
         g = slice(g0, g0 + layer.groups)
         g0 += layer.groups
-        q = QuantizedLayer(layer=layer, codes=from_matrix(layer, codes[g]).astype(np.int32),
-                           scale=_channels(scale[g], B).astype(np.float64),
-                           zero=_channels(zero[g], B).astype(np.int32),
-                           qmin=grid.qmin, qmax=grid.qmax, bits=cfg.grid.bits, group_size=B)
-        out.append((q, _stats(layer, g, res, figures, method, cfg, bad_input, seconds * layer.groups / total,
+        q = QuantizedLayer(layer=layer, codes=from_matrix(layer, parts.codes[g]),
+                           scale=_channels(parts.scale[g], B).astype(np.float64),
+                           zero=_channels(parts.zero[g], B).astype(np.int32),
+                           qmin=parts.qmin, qmax=parts.qmax, bits=cfg.grid.bits, group_size=B)
+        out.append((q, _stats(layer, g, parts, method, cfg, bad_input, parts.seconds * layer.groups / total,
                               n_rows, len(layers))))
+    return out
+
+
+@dataclass
+class _Solved:
+    """A stack's solution gathered over its parts of rows: codes (G, R, C) int16, the grid per row
+    (G, R) or per group (G, R, n), damping and fallback per group, the error sums and the time."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    damp: np.ndarray
+    fallback: np.ndarray
+    figures: tuple | None
+    seconds: float = 0.0
+    qmin: int = 0
+    qmax: int = 0
+    group_size: int = 0
+
+
+def _solve_rows(mats: list, Hw, method, cfg: SolveConfig, device: Device) -> _Solved:
+    """Solve the stack of weight matrices ``mats`` (each (G_i, R, C)) a part of its rows at a time,
+    within Tuning.solve_rows_bytes in the solve's dtype (each row's grid and rounding depend on
+    H and that row alone)."""
+    xp, dtype = device.xp, device.solve_dtype
+    G, (R, C) = sum(m.shape[0] for m in mats), mats[0].shape[1:]
+    itemsize = np.dtype(dtype).itemsize
+    # parts at least four times H's own size: each factorises H again, and that work and memory grow with C
+    budget = max(device.tuning.solve_rows_bytes, 4 * G * C * C * itemsize)
+    step = max(1, min(R, budget // max(1, G * C * itemsize)))
+    part = lambda r0: _stack([m[:, r0:r0 + step] for m in mats], dtype, xp)   # noqa: E731
+    order = cfg.order or method.default_order
+    if step < R and order and Hw is not None:       # an order that sums over rows is the whole layer's
+        order = layer_order(((W, fit_grid(W, cfg.grid, xp)) for W in map(part, range(0, R, step))), Hw, order,
+                            cfg.damp, xp)
+    out = None
+    for r0 in range(0, R, step):
+        W = part(r0)
+        grid = fit_grid(W, cfg.grid, xp)
+        synchronize(xp)
+        start = time.perf_counter()
+        if Hw is None:
+            res = method.solve(W, None, grid, xp=xp)
+        else:
+            res = method.solve(W, Hw, grid, order=order, block=cfg.block, damp=cfg.damp, xp=xp,
+                               kernel=device.sweep_kernel)
+        synchronize(xp)
+        seconds = time.perf_counter() - start
+        figures = _error_sums(W, res.Q, Hw, grid, xp) if Hw is not None else None
+        scale, zero = to_numpy(res.scale), to_numpy(res.zero)
+        if grid.group_size:       # per column, equal within each group: one per group
+            scale, zero = scale[..., ::grid.group_size], zero[..., ::grid.group_size]
+        if out is None:
+            out = _Solved(np.empty((G, R, C), np.int16), np.empty((G, R) + scale.shape[2:], scale.dtype),
+                          np.empty((G, R) + zero.shape[2:], zero.dtype), np.asarray(res.damp, np.float64),
+                          np.asarray(res.fallback, bool), figures, 0.0, grid.qmin, grid.qmax, grid.group_size)
+        else:
+            with np.errstate(invalid="ignore"):
+                out.damp = np.fmax(out.damp, res.damp)
+            out.fallback = out.fallback | res.fallback
+            out.figures = None if figures is None else tuple(a + b for a, b in zip(out.figures, figures))
+        out.codes[:, r0:r0 + step] = to_numpy(res.codes)
+        out.scale[:, r0:r0 + step], out.zero[:, r0:r0 + step] = scale, zero
+        out.seconds += seconds
+        del W, grid, res
     return out
 
 
@@ -179,9 +232,9 @@ def _error_sums(W, Q, Hw, grid, xp) -> tuple:
     return tuple(figures)
 
 
-def _stats(layer: Layer, g: slice, res, figures, method, cfg: SolveConfig, bad_input: bool, seconds: float,
+def _stats(layer: Layer, g: slice, res, method, cfg: SolveConfig, bad_input: bool, seconds: float,
            rows: int | None, stacked: int) -> LayerStats:
-    """One layer's figures from its groups ``g`` of a stack's result."""
+    """One layer's figures from its groups ``g`` of a stack's result (_Solved)."""
     name, note = method.name, ""
     if bad_input:
         note = ("NaN or Inf in its calibration inputs: rounded to nearest; check the calibration data "
@@ -191,6 +244,7 @@ def _stats(layer: Layer, g: slice, res, figures, method, cfg: SolveConfig, bad_i
         note = (f"Cholesky failed in {int(res.fallback[g].sum())}/{layer.groups} group(s) even with "
                 f"more damping: rounded to nearest there; raise {option('damp')}")
     lam = res.damp[g][np.isfinite(res.damp[g])]
+    figures = res.figures
     den, num, rtn_num = figures if figures is not None else (None, None, None)
     return LayerStats(layer.name, layer.op, layer.shape, layer.groups, cfg.grid.bits, name,
                       None if figures is None else relative_error(num[g], den[g]),

@@ -146,7 +146,8 @@ class QuantizedLayer:
 
     Attributes:
         layer: the layer.
-        codes: integer grid codes (int32), shaped like the stored weight.
+        codes: integer grid codes (int16: half int32's memory, and room for a code's negation in a
+            BN fold), shaped like the stored weight.
         scale: per output channel (O,), float64; zero: per output channel (O,), int32. With
             ``group_size`` B > 0, one per output channel and group of B columns (O, ceil(C / B)),
             the columns being those of the solver's matrix (``graph.layers.to_matrix``).

@@ -216,3 +216,25 @@ def test_layers_solved_on_several_threads_write_the_model_of_one(tmp_path, monke
     assert [s.name for s in reports[3].layers] == [s.name for s in reports[1].layers]
     assert [s.error for s in reports[3].layers] == pytest.approx([s.error for s in reports[1].layers], rel=1e-9)
     assert (tmp_path / "q1.onnx").read_bytes() == (tmp_path / "q3.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("method, group_size", [("fastobq", 0), ("gptq", 8), ("rtn", 0)])
+def test_a_layer_solved_a_part_of_its_rows_at_a_time_gets_what_it_gets_whole(method, group_size):
+    """Rows are independent given H: with Tuning.solve_rows_bytes at three rows' bytes, a 2-group
+    layer of 10 rows is solved in 4 parts per call, to the same codes, grid and errors (FastOBQ's
+    column order, a sum over rows, is the whole layer's)."""
+    r = np.random.default_rng(11)
+    lay = layer("l", 10, 24, groups=2)
+    w = r.standard_normal(lay.shape).astype(np.float32)
+    X = r.standard_normal((2, 24, 200))
+    H = 2 * X @ X.transpose(0, 2, 1) / 200
+    cfg = SolveConfig(method=method, grid=GridSpec(bits=3, group_size=group_size))
+    whole = solve_layer(lay, w, None if method == "rtn" else H, cfg, builders.cpu(1), 200)
+    parts = solve_layer(lay, w, None if method == "rtn" else H, cfg,
+                        builders.cpu(1, solve_rows_bytes=3 * 2 * 24 * 8), 200)
+    np.testing.assert_array_equal(parts[0].codes, whole[0].codes)
+    np.testing.assert_array_equal(parts[0].scale, whole[0].scale)
+    np.testing.assert_array_equal(parts[0].zero, whole[0].zero)
+    if method != "rtn":     # the report's error sums are float32 products (solve.REPORT_DTYPE), summed by part
+        assert parts[1].error == pytest.approx(whole[1].error, rel=1e-6)
+        assert parts[1].rtn_error == pytest.approx(whole[1].rtn_error, rel=1e-6)

@@ -131,7 +131,9 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         outcome.error_before = None
         return outcome
     stats_model, captures, feeds = train_mode_model(q_model, bns, targets, cfg.mode, opset)
+    del q_model         # each model is a copy of the weights: at most two are held at once
     q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch)
+    del stats_model
     current, edits, folded, notes = _updates(graph, bns, targets, ref.moments, q_m, cfg, qlayers)
     q_model = build_model(model, current, "fake", opset, symmetric, edits)
     outcome.error_after = output_error(ref, model, q_model, calib, device, on_batch)

@@ -60,8 +60,23 @@ def column_order(name: str, W, Wq, hinv_diag, h_diag, xp):
         return xp.broadcast_to(xp.arange(C), (G, C)).copy()
     if name == "act":
         return argsort_stable(-h_diag, xp)
+    return order_of_scores(name, column_scores(name, W, Wq, hinv_diag, h_diag, xp), xp)
+
+
+def depends_on_weights(name: str) -> bool:
+    """Whether an order's scores are sums over the weight's rows (the others need only H)."""
+    return name.partition("_")[0] in SCORES
+
+
+def column_scores(name: str, W, Wq, hinv_diag, h_diag, xp):
+    """A weight-dependent order's scores (G, C): sums over the rows of W, so the scores of parts
+    of the rows add up to the whole's."""
     key, _, direction = name.partition("_")
     if key not in SCORES or direction not in ("des", "asc"):
         raise ValueError(f"unknown column order {name!r}; choose from {', '.join(ORDERS)}")
-    score = SCORES[key](W, Wq, hinv_diag, h_diag, xp)
-    return argsort_stable(-score if direction == "des" else score, xp)
+    return SCORES[key](W, Wq, hinv_diag, h_diag, xp)
+
+
+def order_of_scores(name: str, score, xp):
+    """The permutation (G, C) that sorts ``score`` as order ``name`` asks."""
+    return argsort_stable(-score if name.endswith("_des") else score, xp)

@@ -28,7 +28,8 @@ from . import cuda_sweep
 from ..quant import quantize, dequantize
 from .common import (Damping, Result, damped_inverse_diagonal, damped_upper_inverse_factor, fix_dead_columns,
                      permute_columns, permute_square)
-from .orders import argsort_stable, column_order, uses_inverse_diagonal
+from .orders import (argsort_stable, column_order, column_scores, depends_on_weights, order_of_scores,
+                     uses_inverse_diagonal)
 from .registry import register
 
 
@@ -104,7 +105,8 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
         W: weights (G, R, C) in the working precision.
         H: Hessians 2XX^T/N (G, C, C), same dtype.
         grid: the Grid (scale, zero of shape (G, R), or (G, R, C) with groups).
-        order: a column order from solvers.orders.ORDERS.
+        order: a column order from solvers.orders.ORDERS, or a permutation (G, C) found by
+            layer_order where W is a part of a layer's rows.
         block: columns per lazy block (default 128).
         damp: damping rule (default relative 0.01).
         xp: numpy or cupy.
@@ -116,9 +118,13 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     """
     H = fix_dead_columns(H, xp)
     s, z = grid.columns()
-    Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
-    hinv_diag = damped_inverse_diagonal(H, damp, xp) if uses_inverse_diagonal(order) else None
-    perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
+    if isinstance(order, str):
+        Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
+        hinv_diag = damped_inverse_diagonal(H, damp, xp) if uses_inverse_diagonal(order) else None
+        perm = column_order(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
+        del Wq
+    else:       # the layer's order, found over all its rows (layer_order) for a part of them
+        perm = order
     # The damping is settled on the factorisation the sweep uses: positive definiteness does
     # not depend on the order, and the other orders then factor H only once. It damps the
     # permuted copy in place: beside H, the solve of a 1,024 x 4,096 float64 layer then peaked
@@ -133,6 +139,23 @@ def sweep_solve(W, H, grid, *, order: str, block: int = 128, damp: Damping = Dam
     codes = permute_columns(codes, argsort_stable(perm, xp), xp)   # undo the permutation
     lam = to_numpy(lam).astype(np.float64)           # NaN where every try failed
     return Result(dequantize(codes, s, z), codes, grid.scale, grid.zero, lam, ~to_numpy(ok))
+
+
+def layer_order(parts, H, order: str, damp: Damping = Damping(), xp=np):
+    """The column order ``order`` of a layer given as parts of its rows, for sweep_solve: a
+    permutation (G, C) where the order's scores are sums over rows (each part's add up), else
+    ``order`` itself. ``parts`` yields (W, grid) for each part."""
+    if not depends_on_weights(order):
+        return order
+    H = fix_dead_columns(H, xp)
+    hinv_diag = damped_inverse_diagonal(H, damp, xp) if uses_inverse_diagonal(order) else None
+    total = None
+    for W, grid in parts:
+        s, z = grid.columns()
+        Wq = dequantize(quantize(W, s, z, grid.qmin, grid.qmax, xp), s, z)
+        score = column_scores(order, W, Wq, hinv_diag, xp.diagonal(H, axis1=-2, axis2=-1), xp)
+        total = score if total is None else total + score
+    return order_of_scores(order, total, xp)
 
 
 @register("fastobq", default_order="sensi_des")
