@@ -141,3 +141,32 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path):
     assert first and child.wait(60) == 0 and err == ""
     whole = subprocess.run(_command("inspect", "--json", "long.onnx"), cwd=tmp_path, capture_output=True, timeout=60)
     assert len(whole.stdout) > 1 << 16
+
+
+def test_sigterm_while_onnxruntime_reads_a_big_models_copy_leaves_no_temporary_files(tmp_path):
+    """Past 2 GB (here: past a lowered limit) onnxruntime reads a temporary copy of the model
+    (was: a SIGTERM then left the copy in $TMPDIR)."""
+    import os
+    before = _folder(tmp_path)
+    scratch = tmp_path.parent / (tmp_path.name + "-tmp")
+    scratch.mkdir()
+    code = "import os, signal, sys, time\n" + textwrap.dedent("""
+        from onnxobq.graph import io
+        io.EXTERNAL_DATA_THRESHOLD = 100
+        import onnxruntime as ort
+        real = ort.InferenceSession
+        def session(source, *a, **k):
+            if isinstance(source, str) and source.endswith("model.onnx"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            return real(source, *a, **k)
+        ort.InferenceSession = session
+        from onnxobq.__main__ import main
+        sys.argv = ["onnxobq", "quantize", "m.onnx", "--calib", "c.npz", "-o", "q.onnx", "-q"]
+        sys.exit(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert (done.returncode, done.stderr) == (143, "onnxobq: terminated\n")
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("onnxobq-")] == []   # onnxruntime writes .ses
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
