@@ -47,7 +47,14 @@ def providers(runtime: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(spin: bool = True) -> ort.SessionOptions:
+# Models whose weights take more than this reach onnxruntime as a file with external data, which
+# it maps, and without prepacking, which copies MatMul weights: a session of a 238 MB model
+# (scripts/memory_bench.py's) held 487 MB more made from its bytes, 248 MB from the file and
+# 10 MB from the file without prepacking.
+FILE_SESSION_BYTES = 64 << 20
+
+
+def session_options(spin: bool = True, prepack: bool = True) -> ort.SessionOptions:
     """onnxruntime options that run a QDQ model as its ONNX graph says.
 
     By default onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with
@@ -57,10 +64,13 @@ def session_options(spin: bool = True) -> ort.SessionOptions:
     Args:
         spin: let onnxruntime's idle threads spin for the next operator. Turn it off
             where NumPy's BLAS shares the cores between forward passes.
+        prepack: let onnxruntime keep packed copies of MatMul weights (see FILE_SESSION_BYTES).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4     # fatal only: onnxobq's one-line errors carry onnxruntime's message
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
@@ -80,11 +90,12 @@ def session(model: onnx.ModelProto, extra: dict[str, int], runtime: str = "cpu",
     have = {o.name for o in model.graph.output}
     added = [onnx.helper.make_tensor_value_info(n, t, None) for n, t in extra.items() if n not in have]
     model.graph.output.extend(added)
-    opts = session_options(spin)
+    large = tensor_bytes(model) > FILE_SESSION_BYTES
+    opts = session_options(spin, prepack=not large)
     if threads is not None:
         opts.intra_op_num_threads = threads
     try:
-        with serialized(model) as source:
+        with serialized(model, FILE_SESSION_BYTES) as source:
             return ort.InferenceSession(source, opts, providers=providers(runtime))
     except UserError:
         raise

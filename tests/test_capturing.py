@@ -197,7 +197,7 @@ def test_on_numpy_the_capture_takes_turns_with_onnxruntime_and_its_threads_do_no
     depths, spins = [], []
     real_prefetch, real_options = capturing.prefetch, runtime.session_options
     monkeypatch.setattr(capturing, "prefetch", lambda items, depth=1: depths.append(depth) or real_prefetch(items, depth))
-    monkeypatch.setattr(runtime, "session_options", lambda spin=True: spins.append(spin) or real_options(spin))
+    monkeypatch.setattr(runtime, "session_options", lambda spin=True, **k: spins.append(spin) or real_options(spin, **k))
     model = builders.conv_stack()
     np.savez(tmp_path / "c.npz", x=np.ones((4, 3, 12, 12), np.float32))
     capture_hessians(model, scan_layers(gs.import_onnx(model)).layers,

@@ -65,3 +65,24 @@ def test_a_feed_that_onnxruntime_rejects_is_one_line_naming_the_input():
     assert str(err.value) == ("onnxruntime rejected the calibration batch (input 'x' is [?, 3, 12, 12], the batch "
                               "has shape [4, 3, 8, 8]); check the calibration data's shapes and dtypes against "
                               "the model inputs")
+
+
+def test_a_large_models_session_maps_a_file_and_keeps_no_packed_copies(monkeypatch):
+    """Past runtime.FILE_SESSION_BYTES (lowered here) a session reads a temporary file with external
+    data, which onnxruntime maps, and prepacks nothing (both copies held the weights again)."""
+    import onnxruntime as ort
+    model = builders.conv_stack()
+    x = builders.rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    want = runtime.session(model, {}).run(None, {"x": x})[0]
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(source, opts, *a, **k):
+        seen.append((source, opts.get_session_config_entry("session.disable_prepacking")))
+        return real(source, opts, *a, **k)
+
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 100)
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
+    got = runtime.session(model, {}).run(None, {"x": x})[0]
+    assert len(seen) == 1 and seen[0][0].endswith("model.onnx") and seen[0][1] == "1"
+    np.testing.assert_array_equal(got, want)

@@ -132,16 +132,17 @@ def external_data_files(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serialized(model: onnx.ModelProto):
-    """What onnxruntime can load the model from: its bytes, or, past protobuf's 2 GiB limit,
-    the path of a temporary copy with external data (removed on exit).
+def serialized(model: onnx.ModelProto, file_past: int = EXTERNAL_DATA_THRESHOLD):
+    """What onnxruntime can load the model from: its bytes, or, where its weights take more
+    than ``file_past`` bytes (at most protobuf's 2 GiB limit), the path of a temporary copy with
+    external data (removed on exit), which onnxruntime maps instead of copying.
 
     The model is not changed: the copy's graph is built beside it and its large initializers
     written out one at a time. (Saving the model itself with external data and reading its
     weights back grew the model's protobuf arena by the weights' size on every session: a
     2.2 GB model's BN stage peaked at 21 GB.)
     """
-    if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+    if tensor_bytes(model) <= min(file_past, EXTERNAL_DATA_THRESHOLD):
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="onnxobq-") as tmp:
