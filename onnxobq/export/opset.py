@@ -5,7 +5,7 @@ import onnx
 from onnx import version_converter
 
 from ..errors import UserError, option
-from ..graph.io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from ..graph.io import EXTERNAL_DATA_THRESHOLD, shell_of, tensor_bytes
 
 QDQ_MIN_OPSET = 13     # per-channel DequantizeLinear (the axis attribute)
 INT4_MIN_OPSET = 21    # INT4/UINT4 tensors
@@ -51,10 +51,6 @@ def prepare_opset(model: onnx.ModelProto, fmt: str, wanted: int | None, activati
     target = wanted if wanted is not None else current
     if fmt == "qdq" or activations:
         target = max(target, BLOCKED_MIN_OPSET if fmt == "qdq" and grouped else QDQ_MIN_OPSET)
-    if int4 and target < INT4_MIN_OPSET and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        note = (f"kept opset {target}: onnx's opset converter cannot take a model past 2 GB, so the codes of "
-                "4 bits and below are stored in INT8")
-        return (model if target == current else _converted(model, target)), note
     if int4 and target < INT4_MIN_OPSET:
         try:
             return _converted(model, INT4_MIN_OPSET), None
@@ -92,14 +88,36 @@ def _check_wanted(current: int, wanted: int | None, fmt: str, activations: bool,
 
 
 def _converted(model: onnx.ModelProto, target: int, activations: bool = False) -> onnx.ModelProto:
-    """The model converted to opset ``target``, checked."""
+    """The model converted to opset ``target``, checked.
+
+    The converter sees the graph with its large initializers as placeholders (external data it
+    does not read): its copies of the weights made the conversion peak at 4.3 times them, and it
+    cannot take a model past 2 GB. Each keeps its tensor, put back after."""
     current = model_opset(model)
+    held = {t.name: t for t in model.graph.initializer if t.ByteSize() > PLACEHOLDER_BYTES}
+    shell = shell_of(model)
+    for t in model.graph.initializer:
+        if t.name not in held:
+            shell.graph.initializer.append(t)
+            continue
+        stand_in = shell.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                               data_location=onnx.TensorProto.EXTERNAL)
+        stand_in.external_data.add(key="location", value=PLACEHOLDER)
     try:
-        converted = version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
+        converted = version_converter.convert_version(shell, target)
+        for t in converted.graph.initializer:
+            if t.name in held and any(e.key == "location" and e.value == PLACEHOLDER for e in t.external_data):
+                t.CopyFrom(held[t.name])
+        if tensor_bytes(converted) <= EXTERNAL_DATA_THRESHOLD:      # the checker serialises it
+            onnx.checker.check_model(converted)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         fix = f"{option('format', 'fake')} without {option('act_bits')}" if activations else option("format", "fake")
         raise UserError(f"cannot convert the model from opset {current} to {target} ({first}); "
                         f"use {fix}, which keeps the opset") from None
     return converted
+
+
+# Initializers past this many bytes go through the opset converter as placeholders (_converted).
+PLACEHOLDER_BYTES = 1024
+PLACEHOLDER = "onnxobq-placeholder"

@@ -160,7 +160,7 @@ def _write_light_copy(model: onnx.ModelProto, path: str, location: str, threshol
     """Write ``model`` to ``path`` with its main graph's initializers over ``threshold`` bytes in
     ``location`` beside it, without changing ``model``."""
     light = onnx.ModelProto()
-    light.CopyFrom(_shell(model))
+    light.CopyFrom(shell_of(model))
     graph = light.graph
     with open(os.path.join(os.path.dirname(path), location), "wb") as data:
         for t in model.graph.initializer:
@@ -179,7 +179,7 @@ def _write_light_copy(model: onnx.ModelProto, path: str, location: str, threshol
         f.write(light.SerializeToString())
 
 
-def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+def shell_of(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its main graph's initializers."""
     shell = onnx.ModelProto()
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

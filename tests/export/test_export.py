@@ -185,3 +185,22 @@ def test_grouped_qdq_needs_opset_21(flags):
     with pytest.raises(UserError, match=r"^--opset 17: --group-size needs opset 21 or later in QDQ "
                                         r"\(DequantizeLinear's block_size\); give --opset 21 or later, or --format fake$"):
         prepare_opset(m, "qdq", 17, grouped="--group-size")[0]
+
+
+def test_the_opset_converter_sees_large_weights_as_placeholders_and_they_come_back(monkeypatch):
+    """The weights (over 1 KB) pass the converter as placeholders and are put back byte for
+    byte; a model past 2 GB (here: past a lowered limit) is converted for INT4 storage too
+    (was: kept at its opset with INT8 codes, as the converter cannot take it)."""
+    from onnxobq.export import opset as opset_module
+    from onnxobq.graph import io
+    m = builders.conv_stack()
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(opset_module, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(opset_module, "PLACEHOLDER_BYTES", 50)
+    converted, note = prepare_opset(m, "qdq", None, int4=True)
+    assert note is None and [o.version for o in converted.opset_import if o.domain == ""] == [21]
+    before = {t.name: t.SerializeToString() for t in m.graph.initializer}
+    after = {t.name: t.SerializeToString() for t in converted.graph.initializer}
+    assert after == before and any(t.ByteSize() > 50 for t in m.graph.initializer)
+    x = builders.rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_array_equal(builders.run(converted, {"x": x})[0], builders.run(m, {"x": x})[0])
