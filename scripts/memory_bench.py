@@ -15,9 +15,15 @@ count, so nothing in onnxobq measures itself). The table gives the peak against 
 size, and against the bound that issue 29 sets: the model, plus one layer's working set, plus one
 calibration batch, plus a fixed overhead (the peak of the smallest model's run, less its size).
 
-Example::
+With ``--pieces`` it measures two pieces instead, each in a fresh child: the memory one
+onnxruntime session of the 0.25 GB model keeps (made from the model's bytes, from a file with
+external data, and from that file without prepacking), and the peak of one 200,000 x 256
+layer's solve, whole and in parts of rows (Tuning.solve_rows_bytes).
+
+Examples::
 
     python scripts/memory_bench.py --sizes 0.5,1,2,3 --methods rtn,fastobq --out bench_out/memory
+    python scripts/memory_bench.py --pieces --out bench_out/memory
 """
 from __future__ import annotations
 
@@ -90,9 +96,12 @@ def main() -> int:
     ap.add_argument("--methods", default="rtn,fastobq")
     ap.add_argument("--compare", action="store_true", help="also run onnxobq compare on each output")
     ap.add_argument("--out", default="bench_out/memory")
+    ap.add_argument("--pieces", action="store_true", help="measure one session and one layer's solve instead")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pieces:
+        return pieces(out)
     calib = out / "calib.npz"
     np.savez(calib, img=np.random.default_rng(1).standard_normal((SAMPLES, 3, 16, 16)).astype(np.float32))
     rows = []
@@ -119,6 +128,58 @@ def main() -> int:
             f.unlink(missing_ok=True)
     (out / "memory.json").write_text(json.dumps(rows, indent=1))
     _table(rows)
+    return 0
+
+
+PIECES = {
+    "session": """
+import gc, sys, onnx, onnxruntime as ort
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+mode, path = sys.argv[1], sys.argv[2]
+opts = ort.SessionOptions()
+if mode == "file-noprepack":
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+base = rss()
+source = onnx.load(path).SerializeToString() if mode == "bytes" else path
+sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+del source
+gc.collect()
+print(rss() - base)
+""",
+    "solve": """
+import sys, numpy as np, resource
+from onnxobq.backend import Tuning, choose_device
+from onnxobq.config import SolveConfig
+from onnxobq.quant import GridSpec
+from onnxobq.solve import solve_layer
+from onnxobq.types import Layer
+rows, part = int(sys.argv[2]), int(sys.argv[1])
+w = np.random.default_rng(0).standard_normal((256, rows), dtype=np.float32)
+X = np.random.default_rng(1).standard_normal((4096, 256))
+H = (2 * X.T @ X / 4096)[None]
+layer = Layer("mm", "MatMul", "w", "initializer", "x", "y", (256, rows), "float32", 1, rows, 256, transposed=True)
+device = choose_device("cpu", tuning=Tuning(solve_rows_bytes=part), cores=1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+solve_layer(layer, w, H, SolveConfig(method="fastobq", grid=GridSpec(bits=4)), device, 4096)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / (w.nbytes / 2 ** 20))
+""",
+}
+
+
+def pieces(out: Path) -> int:
+    """One session's memory by how it is made, and one layer's solve peak whole and in parts."""
+    model = out / "m0.25.onnx"
+    build(model, 0.25)
+    run = lambda piece, *a: float(subprocess.run([sys.executable, "-c", PIECES[piece], *map(str, a)],   # noqa: E731
+                                                 capture_output=True, text=True, check=True).stdout.split()[-1])
+    for mode in ("bytes", "file", "file-noprepack"):
+        print(f"a session of {model.name} made from {mode} holds {run('session', mode, model):,.0f} MB (RSS once "
+              "only the session is left)")
+    for name, part in (("whole", 1 << 40), ("in parts", 64 << 20)):
+        print(f"fastobq solve of a 200,000 x 256 layer, {name}: peak {run('solve', part, 200_000):.1f} times its "
+              "float32 weight")
+    for f in (model, Path(str(model) + ".data")):
+        f.unlink(missing_ok=True)
     return 0
 
 
