@@ -147,7 +147,7 @@ gc.collect()
 print(rss() - base)
 """,
     "solve": """
-import sys, numpy as np, resource
+import sys, threading, time, numpy as np
 from onnxobq.backend import Tuning, choose_device
 from onnxobq.config import SolveConfig
 from onnxobq.quant import GridSpec
@@ -159,9 +159,19 @@ X = np.random.default_rng(1).standard_normal((4096, 256))
 H = (2 * X.T @ X / 4096)[None]
 layer = Layer("mm", "MatMul", "w", "initializer", "x", "y", (256, rows), "float32", 1, rows, 256, transposed=True)
 device = choose_device("cpu", tuning=Tuning(solve_rows_bytes=part), cores=1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# the current RSS, sampled: a child's ru_maxrss starts from its parent's at the fork
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+base, peak, done = rss(), [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+sampler = threading.Thread(target=sample)
+sampler.start()
 solve_layer(layer, w, H, SolveConfig(method="fastobq", grid=GridSpec(bits=4)), device, 4096)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / (w.nbytes / 2 ** 20))
+done.set()
+sampler.join()
+print((peak[0] - base) / (w.nbytes / 2 ** 20))
 """,
 }
 
