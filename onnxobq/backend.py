@@ -54,9 +54,9 @@ class Tuning:
             several temporaries of this size).
         solve_rows_bytes: a stack whose weights take more than this in the solve's dtype (and
             more than four times its Hessians) is solved that many bytes of rows at a time (rows
-            are independent given H and the column order): whole, one 200,000 x 256 layer's
-            solve held 12 to 13 times its float32 weight at once, 2.4 to 2.6 GB. Each part
-            factorises H again.
+            are independent given H and the column order): one 200,000 x 256 layer's FastOBQ
+            solve peaked at 12.5 times its float32 weight whole, 2.7 times in parts of 64 MB
+            (scripts/memory_bench.py --pieces). Each part factorises H again.
         max_cpu_workers: at most this many threads take layers at once on NumPy. Each holds
             its own buffers (up to about 170 MB a thread on ResNet-50's capture in batches
             of 8; a solve's copies of its Hessian, up to about 700 MB for 4,608 columns).
