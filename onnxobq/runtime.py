@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .backend import Device
 from .errors import UserError, in_context
+from .export.opset import model_opset
 from .graph.io import serialized, tensor_bytes
 from .types import InputSpec, fmt_shape
 
@@ -48,9 +49,9 @@ def providers(runtime: str) -> list[str]:
 
 
 # Models whose weights take more than this reach onnxruntime as a file with external data, which
-# it maps, and without prepacking, which copies MatMul weights: a session of a 238 MB model
-# (scripts/memory_bench.py's) held 487 MB more made from its bytes, 248 MB from the file and
-# 10 MB from the file without prepacking.
+# it maps, and without prepacking, which copies MatMul weights: a session of a 238 MB model holds
+# 487 MB made from its bytes, 248 MB from the file and 10 MB from the file without prepacking
+# (python scripts/memory_bench.py --pieces).
 FILE_SESSION_BYTES = 64 << 20
 
 
@@ -122,7 +123,7 @@ def check_opset(model: onnx.ModelProto, name: str, qdq: bool, fix: str, qdq_fix:
     """Refuse a model whose opset the installed onnxruntime does not run (``qdq``: with the
     QDQ nodes onnxobq writes), naming it and ``fix`` (and ``qdq_fix`` where only the QDQ nodes
     are out of reach)."""
-    opset = next((int(op.version) for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
+    opset = model_opset(model)
     if opset > (newest := newest_opset(False)):
         what = "runs"
     elif qdq and opset > (newest := newest_opset(True)):
