@@ -244,6 +244,18 @@ def device_name(xp) -> str:
     return "cuda:" + (name.decode() if isinstance(name, bytes) else str(name))
 
 
+def available_bytes() -> int | None:
+    """The memory the kernel says can be used without swapping (MemAvailable), or None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .backend import Device, Tuning, synchronize, to_numpy
+from .backend import Device, Tuning, available_bytes, synchronize, to_numpy
 from .config import QuantizeConfig, SolveConfig
 from .errors import option
 from .quant import fit_grid
@@ -64,13 +64,35 @@ def solve_all(scan: LayerScan, captured: Captured, cfg: QuantizeConfig, device: 
 
     if progress:
         progress.start("layers", len(layers))
-    with LayerWorkers(min(device.workers, len(plan))) as workers:
+    with LayerWorkers(min(device.workers, len(plan), _memory_workers(layers, plan, device))) as workers:
         workers.run([(n, stack, cost(stack)) for n, stack in enumerate(plan)], solve)
     if progress:
         progress.finish()
     return [q for q, _ in results], [s for _, s in results]
 
 
+
+
+# A solve thread holds about this many times the part of a stack's rows it works on (in the
+# solve's dtype) at once: one 200,000 x 256 layer in parts of 64 MB peaked at 2.7 times its float32
+# weight, 527 MB (scripts/memory_bench.py --pieces), about 8 times a part beside its codes.
+PART_WORKING_SET = 8
+
+
+def _memory_workers(layers: list[Layer], plan: list[list[int]], device: Device) -> int:
+    """How many threads may solve at once within half the memory available now, each holding
+    the working set of the largest part of rows it may take (at least one thread)."""
+    free = available_bytes()
+    if free is None or device.xp is not np:
+        return device.workers
+    itemsize = np.dtype(device.solve_dtype).itemsize
+    largest = 0
+    for stack in plan:
+        G = sum(layers[i].groups for i in stack)
+        R, C = layers[stack[0]].rows, layers[stack[0]].cols
+        part = min(G * R * C * itemsize, max(device.tuning.solve_rows_bytes, 4 * G * C * C * itemsize))
+        largest = max(largest, PART_WORKING_SET * part + 3 * G * C * C * itemsize)
+    return max(1, int(free // 2 // max(largest, 1)))
 
 
 def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int,

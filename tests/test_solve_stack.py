@@ -238,3 +238,13 @@ def test_a_layer_solved_a_part_of_its_rows_at_a_time_gets_what_it_gets_whole(met
     if method != "rtn":     # the report's error sums are float32 products (solve.REPORT_DTYPE), summed by part
         assert parts[1].error == pytest.approx(whole[1].error, rel=1e-6)
         assert parts[1].rtn_error == pytest.approx(whole[1].rtn_error, rel=1e-6)
+
+
+def test_the_solve_threads_are_as_many_as_half_the_available_memory_holds(monkeypatch):
+    """Each thread holds about solve.PART_WORKING_SET times its part of rows, plus three copies of H."""
+    lay = layer("l", 1000, 64)           # 512 KB in float64, one part
+    device = builders.cpu(2)
+    per_thread = solve.PART_WORKING_SET * 1000 * 64 * 8 + 3 * 64 * 64 * 8
+    for free, want in ((None, 2), (100 * per_thread, 2), (3 * per_thread, 1), (0, 1)):
+        monkeypatch.setattr(solve, "available_bytes", lambda free=free: free)
+        assert min(device.workers, solve._memory_workers([lay], [[0]], device)) == want
