@@ -4,6 +4,8 @@ Built with onnx-graphsurgeon; the pass itself runs in bn.passes.
 """
 from __future__ import annotations
 
+import gc
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,7 +180,10 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
             _batch_normalise(graph, tensors[bn.input], y, bn.gamma, bn.beta, opset, f"_obq_bn{i}", bn.dtype)
             captures[bn.input] = (f"_obq_bn{i}", onnx.helper.np_dtype_to_tensor_dtype(bn.dtype))
     graph.cleanup().toposort()
-    return gs.export_onnx(graph, do_type_check=False), captures, feeds
+    model = gs.export_onnx(graph, do_type_check=False)
+    del graph
+    gc.collect()    # free the graph's arrays now (its nodes and tensors refer to each other)
+    return model, captures, feeds
 
 
 def conv_bias(graph: gs.Graph, q: QuantizedLayer) -> np.ndarray | None:

@@ -1,6 +1,8 @@
 """Edit an onnx-graphsurgeon graph in place: new weights, biases and DequantizeLinear nodes."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -223,6 +225,8 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
         apply_bn_edit(graph, edit)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
+    del graph
+    gc.collect()    # the graph's nodes and tensors refer to each other: free its arrays now, not later
     # Keep the input's IR version (older runtimes read it) unless the opset needs a newer one.
     out.ir_version = max(model.ir_version, _min_ir_version(out))
     del out.metadata_props[:]
