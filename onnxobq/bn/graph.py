@@ -136,7 +136,19 @@ def _detach(graph: gs.Graph, name: str, raw_name: str, dtype):
 
 def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict, mode: str,
                      opset: int) -> tuple[onnx.ModelProto, dict, dict]:
-    """The quantized model, rewired so that one pass measures every statistic in order.
+    """The quantized model, rewired so that one pass measures every statistic in order (see
+    train_mode_edit, which stage.reestimate applies while it builds the model instead)."""
+    graph = gs.import_onnx(q_model)
+    captures, feeds = train_mode_edit(graph, bns, targets, mode, opset)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del graph
+    gc.collect()    # free the graph's arrays now (its nodes and tensors refer to each other)
+    return model, captures, feeds
+
+
+def train_mode_edit(graph: gs.Graph, bns: list[BNNode], targets: dict, mode: str, opset: int) -> tuple[dict, dict]:
+    """Rewire a quantized model's graph (in place) so that one pass measures every statistic in order.
 
     Each tensor to correct -- every corrected Conv's output, and in "match" mode every BN's
     input -- is renamed to a raw tensor and then normalised, per channel, to the mean and
@@ -147,17 +159,16 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
     variance and shape (batch_statistics), not the tensor it normalises.
 
     Args:
-        q_model: the quantized (fake) model.
+        graph: the quantized (fake) model's graph.
         bns: its BatchNormalization nodes.
         targets: Conv output tensor -> dtype, for the Convs to correct.
         mode: "reestimate" or "match".
         opset: the model's opset.
 
     Returns:
-        (model, captures, feeds): the model; for each tensor measured, the tag of its
-        normalisation subgraph and its ONNX type; tensor -> (mean input, std input) to feed.
+        (captures, feeds): for each tensor measured, the tag of its normalisation subgraph and
+        its ONNX type; tensor -> (mean input, std input) to feed.
     """
-    graph = gs.import_onnx(q_model)
     matched = dict(targets)
     if mode == "match":
         matched.update({bn.input: bn.dtype for bn in bns})
@@ -179,11 +190,7 @@ def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict,
             node.outputs.clear()
             _batch_normalise(graph, tensors[bn.input], y, bn.gamma, bn.beta, opset, f"_obq_bn{i}", bn.dtype)
             captures[bn.input] = (f"_obq_bn{i}", onnx.helper.np_dtype_to_tensor_dtype(bn.dtype))
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    del graph
-    gc.collect()    # free the graph's arrays now (its nodes and tensors refer to each other)
-    return model, captures, feeds
+    return captures, feeds
 
 
 def conv_bias(graph: gs.Graph, q: QuantizedLayer) -> np.ndarray | None:

@@ -112,7 +112,7 @@ def insert_dequantize(graph: gs.Graph, nodes: list[gs.Node], q: QuantizedLayer, 
 
 
 def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, opset: int,
-                    symmetric: bool = True) -> None:
+                    symmetric: bool = True, pending: dict | None = None) -> None:
     """Write every quantized layer into ``graph`` (in place; call ``graph.cleanup()`` after).
 
     Args:
@@ -121,13 +121,20 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
         fmt: "fake" (float weights on the grid, same graph) or "qdq".
         opset: the graph's opset (decides INT4 storage and the float16 path).
         symmetric: the grid has zero-point 0 (signed storage) or not (unsigned).
+        pending: where given, "fake" weights are written into the exported model by fill_weights
+            (a one-element placeholder here, and the layer by its tensor's name in ``pending``),
+            so that no graph holds every layer's dequantized weight at once.
     """
     taken: set = set()
     for q in qlayers:
         node = node_of(graph, q.layer)
         if q.bias is not None:
             set_bias(graph, node, q, taken)
-        if fmt == "fake":
+        if fmt == "fake" and pending is not None:
+            holder = constant_holder(node.inputs[1])
+            holder.values = np.zeros((1,) * len(q.layer.shape), np.dtype(q.layer.dtype))
+            pending[holder.name] = q
+        elif fmt == "fake":
             constant_holder(node.inputs[1]).values = q.weight()
         else:
             nodes = [node] + [node_of(graph, use) for use in q.layer.each_use()[1:]]
@@ -198,9 +205,27 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
     return onnx.helper.find_min_ir_version_for(known) if known else model.ir_version
 
 
+def fill_weights(model: onnx.ModelProto, pending: dict) -> None:
+    """Write each pending layer's dequantized weight into its tensor (an initializer, or a Constant
+    node's value) of ``model``, one layer at a time (see apply_quantized)."""
+    if not pending:
+        return
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                tensors.setdefault(attr.t.name, attr.t)
+    for name, q in pending.items():
+        tensor, w = tensors[name], q.weight()
+        del tensor.dims[:]
+        tensor.dims.extend(w.shape)
+        tensor.raw_data = w.tobytes()
+        del w
+
+
 def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str, opset: int,
                 symmetric: bool = True, bn_edits: tuple = (), act_scales: dict | None = None,
-                act_skip: frozenset = frozenset()) -> onnx.ModelProto:
+                act_skip: frozenset = frozenset(), edit=None) -> onnx.ModelProto:
     """The float model with quantized weights (and BN edits) written in.
 
     Args:
@@ -213,20 +238,25 @@ def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str,
         act_scales: INT8 scales of the layers' input activations by tensor name, quantized
             with QuantizeLinear/DequantizeLinear before the layers (None: weights only).
         act_skip: names of the layers' nodes whose inputs stay in float even so (--act-exclude).
+        edit: a function that rewires the graph last, in place (the BN stage's train-mode pass).
 
     Returns:
         A new ModelProto.
     """
     graph = gs.import_onnx(model)
-    apply_quantized(graph, qlayers, fmt, opset, symmetric)
+    pending: dict = {}
+    apply_quantized(graph, qlayers, fmt, opset, symmetric, pending)
     if act_scales:
         insert_activation_qdq(graph, qlayers, act_scales, opset, set(), act_skip)
-    for edit in bn_edits:
-        apply_bn_edit(graph, edit)
+    for bn_edit in bn_edits:
+        apply_bn_edit(graph, bn_edit)
+    if edit is not None:
+        edit(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     del graph
     gc.collect()    # the graph's nodes and tensors refer to each other: free its arrays now, not later
+    fill_weights(out, pending)
     # Keep the input's IR version (older runtimes read it) unless the opset needs a newer one.
     out.ir_version = max(model.ir_version, _min_ir_version(out))
     del out.metadata_props[:]
