@@ -89,24 +89,27 @@ def sum_targets(layers: list[Layer]) -> tuple[dict, dict]:
     """Which running sums a capture keeps, and which layer inputs go into which.
 
     Each distinct read of an input (a use's hessian_key: the tensor and how it is unfolded)
-    is multiplied once per batch, into a sum of that read. A shared weight's Hessian is that of
-    all its uses, sum_u N_u H_u / sum_u N_u, merged from their sums at the end; a read that
-    other layers make the same way (a RetinaNet head's first conv beside the box head's, on the
-    same level) is merged into each of theirs.
+    is multiplied once per batch. A shared weight's Hessian is that of all its uses,
+    sum_u N_u H_u / sum_u N_u: a use only it reads accumulates into its own sum, and a use
+    that other layers read the same way (a RetinaNet head's first conv beside the box head's,
+    on the same level) into a sum of that read, merged into each of theirs at the end.
 
     Returns:
         (targets, reads): hessian_key of each layer -> the keys of the sums that make its
         Hessian; and each read's key -> (the key of the sum it goes into, the use that reads it).
     """
+    readers: dict = {}
+    for layer in layers:
+        for use in layer.each_use():
+            readers.setdefault(use.hessian_key, {})[layer.hessian_key] = None
     targets, reads = {}, {}
     for layer in layers:
         keys = {}
         for use in layer.each_use():
-            # each read its own sum: one thread adds to a sum per batch, so the uses of a shared
-            # weight (several reads) must not share one (they raced: the Hessian changed from run
-            # to run by up to 280 times its entries)
-            keys[use.hessian_key] = None
-            reads.setdefault(use.hessian_key, (use.hessian_key, use))
+            only = len(readers[use.hessian_key]) == 1
+            key = layer.hessian_key if only else use.hessian_key
+            keys[key] = None
+            reads.setdefault(use.hessian_key, (key, use))
         targets.setdefault(layer.hessian_key, list(keys))
     return targets, reads
 
@@ -147,8 +150,8 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
     elements = device.tuning.unfold_elements // device.workers    # the threads' unfolds together stay within it
 
     def add(key, task, tools):
-        use, a = task
-        accumulate(use, a, running[key], device, *tools, elements)
+        for use, a in task:      # a sum's reads one after another, on one thread
+            accumulate(use, a, running[key], device, *tools, elements)
 
     samples, waited = 0, 0.0
     with contextlib.closing(prefetch(forward(model, parts, calib, device), device.pipeline_depth)) as items, \
@@ -160,8 +163,7 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
             if item is None:
                 break
             feed, acts = item
-            workers.run([(key, (use, acts[use.input]), acts[use.input].size * use.cols)
-                         for key, use in parts if key in running], add)
+            workers.run(_tasks(parts, running, acts), add)
             for name, hist in hists.items():
                 hist.add(acts[name])
             samples += feed_samples(feed)
@@ -172,6 +174,16 @@ def capture_hessians(model: onnx.ModelProto, layers: list[Layer], calib: CalibCo
                         "give more samples (a model with a fixed batch needs at least that many)")
     hessians, rows = reduce_sums(running, targets, device) if sums else ({}, {})
     return Captured(hessians, rows, samples, waited, hists)
+
+
+def _tasks(parts: list, running: dict, acts: dict) -> list:
+    """One task per running sum, with all the reads that add into it: two threads never add to
+    one sum at once (the uses of a shared weight raced when each read was a task of its own)."""
+    grouped: dict = {}
+    for key, use in parts:
+        if key in running:
+            grouped.setdefault(key, []).append((use, acts[use.input]))
+    return [(key, reads, sum(a.size * use.cols for use, a in reads)) for key, reads in grouped.items()]
 
 
 def forward(model: onnx.ModelProto, parts: list, calib: CalibConfig | Replay, device: Device) -> Iterator:

@@ -27,8 +27,8 @@ class SignalNoise:
         """Add one batch of a float output ``y`` and its quantized ``yq`` (NaN or Inf make the
         sums non-finite, which the callers report)."""
         with np.errstate(invalid="ignore", over="ignore"):
-            f = y.astype(np.float64)
-            d = f - yq.astype(np.float64)
+            f = np.asarray(y, np.float64)       # no copy where the caller converted already
+            d = f - np.asarray(yq, np.float64)
             self.noise += float((d * d).sum())
             self.signal += float((f * f).sum())
 
@@ -65,8 +65,8 @@ class OutputAgreement(SignalNoise):
     classifier: bool = True
 
     def add(self, y: np.ndarray, yq: np.ndarray) -> None:
-        super().add(y, yq)
         y, yq = y.astype(np.float64), yq.astype(np.float64)
+        super().add(y, yq)
         a, b = y.reshape(len(y), -1), yq.reshape(len(yq), -1)
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         self.cosines.extend(np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-300), 1.0))

@@ -83,16 +83,23 @@ def _memory_workers(layers: list[Layer], plan: list[list[int]], device: Device) 
     """How many threads may solve at once within half the memory available now, each holding
     the working set of the largest part of rows it may take (at least one thread)."""
     free = available_bytes()
-    if free is None or device.xp is not np:
+    if free is None or device.gpu:
         return device.workers
     itemsize = np.dtype(device.solve_dtype).itemsize
     largest = 0
     for stack in plan:
         G = sum(layers[i].groups for i in stack)
         R, C = layers[stack[0]].rows, layers[stack[0]].cols
-        part = min(G * R * C * itemsize, max(device.tuning.solve_rows_bytes, 4 * G * C * C * itemsize))
+        part = _rows_per_part(G, R, C, itemsize, device.tuning) * G * C * itemsize
         largest = max(largest, PART_WORKING_SET * part + 3 * G * C * C * itemsize)
     return max(1, int(free // 2 // max(largest, 1)))
+
+
+def _rows_per_part(G: int, R: int, C: int, itemsize: int, tuning: Tuning) -> int:
+    """The rows of a (G, R, C) stack that the solve takes at once: Tuning.solve_rows_bytes, but at
+    least four times H's own size (each part factorises H again, and that work grows with C)."""
+    budget = max(tuning.solve_rows_bytes, 4 * G * C * C * itemsize)
+    return max(1, min(R, budget // max(1, G * C * itemsize)))
 
 
 def plan_stacks(layers: list[Layer], has_hessian: list[bool], itemsize: int, max_bytes: int,
@@ -200,19 +207,24 @@ def _solve_rows(mats: list, Hw, method, cfg: SolveConfig, device: Device) -> _So
     H and that row alone)."""
     xp, dtype = device.xp, device.solve_dtype
     G, (R, C) = sum(m.shape[0] for m in mats), mats[0].shape[1:]
-    itemsize = np.dtype(dtype).itemsize
-    # parts at least four times H's own size: each factorises H again, and that work and memory grow with C
-    budget = max(device.tuning.solve_rows_bytes, 4 * G * C * C * itemsize)
-    step = max(1, min(R, budget // max(1, G * C * itemsize)))
+    step = _rows_per_part(G, R, C, np.dtype(dtype).itemsize, device.tuning)
     part = lambda r0: _stack([m[:, r0:r0 + step] for m in mats], dtype, xp)   # noqa: E731
-    order = cfg.order or method.default_order
+    order, grids = cfg.order or method.default_order, {}
     if step < R and order and Hw is not None:       # an order that sums over rows is the whole layer's
-        order = layer_order(((W, fit_grid(W, cfg.grid, xp)) for W in map(part, range(0, R, step))), Hw, order,
-                            cfg.damp, xp)
+        def parts():
+            for r0 in range(0, R, step):
+                W = part(r0)
+                grid = fit_grid(W, cfg.grid, xp)
+                if not grid.group_size:     # one scale per row: small, kept for the solve below
+                    grids[r0] = grid
+                yield W, grid
+        order = layer_order(parts(), Hw, order, cfg.damp, xp)
+    with np.errstate(over="ignore", invalid="ignore"):       # the report's errors, H cast once (see _error_sums)
+        H32 = None if Hw is None else Hw.astype(REPORT_DTYPE, copy=False)
     out = None
     for r0 in range(0, R, step):
         W = part(r0)
-        grid = fit_grid(W, cfg.grid, xp)
+        grid = grids.pop(r0, None) or fit_grid(W, cfg.grid, xp)
         synchronize(xp)
         start = time.perf_counter()
         if Hw is None:
@@ -222,7 +234,7 @@ def _solve_rows(mats: list, Hw, method, cfg: SolveConfig, device: Device) -> _So
                                kernel=device.sweep_kernel)
         synchronize(xp)
         seconds = time.perf_counter() - start
-        figures = _error_sums(W, res.Q, Hw, grid, xp) if Hw is not None else None
+        figures = _error_sums(W, res.Q, Hw, H32, grid, xp) if Hw is not None else None
         scale, zero = to_numpy(res.scale), to_numpy(res.zero)
         if grid.group_size:       # per column, equal within each group: one per group
             scale, zero = scale[..., ::grid.group_size], zero[..., ::grid.group_size]
@@ -242,12 +254,11 @@ def _solve_rows(mats: list, Hw, method, cfg: SolveConfig, device: Device) -> _So
     return out
 
 
-def _error_sums(W, Q, Hw, grid, xp) -> tuple:
+def _error_sums(W, Q, Hw, H32, grid, xp) -> tuple:
     """The report's error sums per group: ||WX||^2, ||(W - Q)X||^2 and RTN's, from H, in float32
-    (see REPORT_DTYPE), H cast once; in H's own dtype where float32's range is too small."""
+    (see REPORT_DTYPE; ``H32``: H cast to it); in H's own dtype where float32's range is too small."""
     diffs = (lambda: W, lambda: W - Q, lambda: W - METHODS["rtn"].solve(W, None, grid, xp=xp).Q)
     with np.errstate(over="ignore", invalid="ignore"):
-        H32 = Hw.astype(REPORT_DTYPE, copy=False)
         figures = [weighted_norms(d().astype(REPORT_DTYPE, copy=False), H32, xp) for d in diffs]
         if not all(np.isfinite(f).all() for f in figures):
             figures = [weighted_norms(d(), Hw, xp) for d in diffs]

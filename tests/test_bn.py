@@ -124,8 +124,7 @@ def test_train_mode_statistics_over_several_batches_are_float64_moments_of_its_t
     targets = {"y": np.dtype(np.float32)}
     names = {"y": 1} | ({b.input: 1 for b in bns} if mode == "match" else {})
     ref = passes.float_reference(model, names, calib, builders.cpu())
-    q_model = build_model(model, layers, "fake", 13, True)
-    stats_model, captures, feeds = bn_graph.train_mode_model(q_model, bns, targets, mode, 13)
+    stats_model, captures, feeds = bn_graph.train_mode_model(model, layers, bns, targets, mode, 13, True)
     got = passes.train_mode_moments(stats_model, captures, feeds, ref, calib, builders.cpu())
     assert set(got) == {"y", "c1", "c2"}
     raw = {name: (name if tag.startswith("_obq_bn") else "_obq_raw" + tag[len("_obq_fix"):])

@@ -4,14 +4,14 @@ Built with onnx-graphsurgeon; the pass itself runs in bn.passes.
 """
 from __future__ import annotations
 
-import gc
-
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..export import build_model
+from ..export.graph_edit import node_of
 from ..graph.layers import constant_holder
 from ..types import QuantizedLayer
 from .stats import VAR_FLOOR, Moments
@@ -134,17 +134,17 @@ def _detach(graph: gs.Graph, name: str, raw_name: str, dtype):
     return raw, y
 
 
-def train_mode_model(q_model: onnx.ModelProto, bns: list[BNNode], targets: dict, mode: str,
-                     opset: int) -> tuple[onnx.ModelProto, dict, dict]:
-    """The quantized model, rewired so that one pass measures every statistic in order (see
-    train_mode_edit, which stage.reestimate applies while it builds the model instead)."""
-    graph = gs.import_onnx(q_model)
-    captures, feeds = train_mode_edit(graph, bns, targets, mode, opset)
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    del graph
-    gc.collect()    # free the graph's arrays now (its nodes and tensors refer to each other)
-    return model, captures, feeds
+def train_mode_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], bns: list[BNNode], targets: dict,
+                     mode: str, opset: int, symmetric: bool) -> tuple[onnx.ModelProto, dict, dict]:
+    """The fake-quantized model (of the float ``model`` and ``qlayers``), rewired by
+    train_mode_edit as it is built: (model, captures, feeds), as train_mode_edit returns them."""
+    found = {}
+
+    def edit(graph):
+        found["captures"], found["feeds"] = train_mode_edit(graph, bns, targets, mode, opset)
+
+    stats_model = build_model(model, qlayers, "fake", opset, symmetric, edit=edit)
+    return stats_model, found["captures"], found["feeds"]
 
 
 def train_mode_edit(graph: gs.Graph, bns: list[BNNode], targets: dict, mode: str, opset: int) -> tuple[dict, dict]:
@@ -199,6 +199,5 @@ def conv_bias(graph: gs.Graph, q: QuantizedLayer) -> np.ndarray | None:
         return q.bias
     if q.layer.bias is None:
         return np.zeros(len(q.scale))
-    node = next(n for n in graph.nodes if n.outputs and n.outputs[0].name == q.layer.output)
-    holder = constant_holder(node.inputs[2])
+    holder = constant_holder(node_of(graph, q.layer).inputs[2])
     return None if holder is None else np.asarray(holder.values, np.float64).reshape(-1)

@@ -33,7 +33,7 @@ from ..errors import option
 from ..export import build_model
 from ..runtime import model_inputs
 from ..types import BNEdit, QuantizedLayer
-from .graph import conv_bias, find_bn_nodes, fixed_conv, train_mode_edit
+from .graph import conv_bias, find_bn_nodes, fixed_conv, train_mode_model
 from .passes import float_reference, output_error, train_mode_moments
 from .stats import MEASURED_STD, bn_statistics, conv_measured, fold_affine, std_factor, trained_std_shift
 
@@ -132,11 +132,8 @@ def reestimate(model: onnx.ModelProto, qlayers: list[QuantizedLayer], cfg: BNCon
         outcome.error_before = None
         return outcome
     del q_model         # each model is a copy of the weights: the float model and one other are held at once
-    found: dict = {}
-    edit = lambda graph: found.update(zip(("captures", "feeds"),     # noqa: E731
-                                          train_mode_edit(graph, bns, targets, cfg.mode, opset)))
-    stats_model = build_model(model, qlayers, "fake", opset, symmetric, edit=edit)
-    q_m = train_mode_moments(stats_model, found["captures"], found["feeds"], ref, calib, device, on_batch)
+    stats_model, captures, feeds = train_mode_model(model, qlayers, bns, targets, cfg.mode, opset, symmetric)
+    q_m = train_mode_moments(stats_model, captures, feeds, ref, calib, device, on_batch)
     del stats_model
     current, edits, folded, notes = _updates(graph, bns, targets, ref.moments, q_m, cfg, qlayers)
     q_model = build_model(model, current, "fake", opset, symmetric, edits)

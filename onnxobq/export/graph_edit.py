@@ -112,7 +112,7 @@ def insert_dequantize(graph: gs.Graph, nodes: list[gs.Node], q: QuantizedLayer, 
 
 
 def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, opset: int,
-                    symmetric: bool = True, pending: dict | None = None) -> None:
+                    symmetric: bool, pending: dict) -> None:
     """Write every quantized layer into ``graph`` (in place; call ``graph.cleanup()`` after).
 
     Args:
@@ -121,21 +121,19 @@ def apply_quantized(graph: gs.Graph, qlayers: list[QuantizedLayer], fmt: str, op
         fmt: "fake" (float weights on the grid, same graph) or "qdq".
         opset: the graph's opset (decides INT4 storage and the float16 path).
         symmetric: the grid has zero-point 0 (signed storage) or not (unsigned).
-        pending: where given, "fake" weights are written into the exported model by fill_weights
-            (a one-element placeholder here, and the layer by its tensor's name in ``pending``),
-            so that no graph holds every layer's dequantized weight at once.
+        pending: "fake" weights are written into the exported model by fill_weights (a
+            one-element placeholder here, and the layer by its tensor's name in ``pending``), so
+            that no graph holds every layer's dequantized weight at once.
     """
     taken: set = set()
     for q in qlayers:
         node = node_of(graph, q.layer)
         if q.bias is not None:
             set_bias(graph, node, q, taken)
-        if fmt == "fake" and pending is not None:
+        if fmt == "fake":
             holder = constant_holder(node.inputs[1])
             holder.values = np.zeros((1,) * len(q.layer.shape), np.dtype(q.layer.dtype))
             pending[holder.name] = q
-        elif fmt == "fake":
-            constant_holder(node.inputs[1]).values = q.weight()
         else:
             nodes = [node] + [node_of(graph, use) for use in q.layer.each_use()[1:]]
             insert_dequantize(graph, nodes, q, storage_type(q.bits, symmetric, opset), opset, taken)
@@ -220,7 +218,6 @@ def fill_weights(model: onnx.ModelProto, pending: dict) -> None:
         del tensor.dims[:]
         tensor.dims.extend(w.shape)
         tensor.raw_data = w.tobytes()
-        del w
 
 
 def build_model(model: onnx.ModelProto, qlayers: list[QuantizedLayer], fmt: str, opset: int,
